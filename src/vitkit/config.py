@@ -1,0 +1,195 @@
+"""ViTConfig: every architectural choice of a Vision Transformer in one place.
+
+Defaults follow the paper (Dosovitskiy et al., 2021, "An Image is Worth 16x16 Words"),
+ViT-B/16 at 224 px. Where a peer implementation chose differently, the comment says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+
+def to_2tuple(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    if len(value) != 2:
+        raise ValueError(f"expected an int or a pair of ints, got {value!r}")
+    return (int(value[0]), int(value[1]))
+
+
+@dataclass
+class ViTConfig:
+    # --- input and patches (paper Sec. 3.1, Eq. 1) ---
+    img_size: tuple[int, int] = (224, 224)  # (H, W); need not be square
+    patch_size: tuple[int, int] = (16, 16)
+    in_chans: int = 3
+    # --- transformer (paper Table 1) ---
+    embed_dim: int = 768  # D
+    depth: int = 12  # L
+    num_heads: int = 12
+    mlp_dim: int = 3072  # the paper states the MLP size directly rather than a ratio
+    qkv_bias: bool = True  # the paper's JAX code has biases on q, k, v; some later models drop them
+    qk_norm: bool = False  # LayerNorm on q and k (ViT-22B); not in the paper
+    norm_eps: float = 1e-6  # the JAX reference uses 1e-6; HF transformers' ViT defaults to 1e-12
+    init_values: float | None = None  # LayerScale (CaiT); None disables it, as in the paper
+    # --- tokens and position embeddings (Sec. 3.1, Eq. 1) ---
+    class_token: bool = True  # the paper's [class] token; False means average pooling of patches
+    reg_tokens: int = 0  # register tokens (Darcet et al., 2023); not in the paper
+    # Whether the prefix tokens ([class], registers) get a position embedding. The paper gives
+    # the [class] token one; timm's `no_embed_class=True` models and big_vision do not.
+    prefix_pos_embed: bool = True
+    pos_embed_interpolation: str = "bicubic"  # how position embeddings resample to other grids
+    # --- output ---
+    global_pool: str = "token"  # "token": the [class] token's output; "avg": mean of patch tokens
+    # With average pooling timm normalises the pooled vector (fc_norm) instead of every token;
+    # None picks that behaviour from global_pool, as timm does.
+    fc_norm: bool | None = None
+    representation_size: int | None = None  # the pre-training head's tanh hidden layer (Sec. 3.1)
+    num_classes: int = 1000
+    # --- regularisation ---
+    drop_rate: float = 0.0  # dropout after embeddings and in the MLP (paper Appendix B.1)
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0  # stochastic depth, not in the paper; DeiT's recipe uses 0.1
+    # --- stem ---
+    # Hybrid ViT (paper Sec. 3.1 "Hybrid Architecture"): a CNN computes the feature map that is
+    # then cut into patches. None is the plain ViT; see vitkit.hybrid for the accepted specs.
+    hybrid_stem: dict[str, Any] | None = None
+    # DeiT's distillation token (Touvron et al., 2021): a second prefix token with its own head.
+    distill_token: bool = False
+
+    def __post_init__(self) -> None:
+        self.img_size = to_2tuple(self.img_size)
+        self.patch_size = to_2tuple(self.patch_size)
+        self.validate()
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """Patches along (H, W) at the configured image size."""
+        stride = self.stem_stride
+        return (self.img_size[0] // stride[0], self.img_size[1] // stride[1])
+
+    @property
+    def stem_stride(self) -> tuple[int, int]:
+        """Input pixels per output token along (H, W), including a hybrid CNN's downsampling."""
+        factor = int(self.hybrid_stem.get("stride", 1)) if self.hybrid_stem else 1
+        return (self.patch_size[0] * factor, self.patch_size[1] * factor)
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size[0] * self.grid_size[1]
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.class_token) + int(self.distill_token) + self.reg_tokens
+
+    @property
+    def use_fc_norm(self) -> bool:
+        return self.global_pool == "avg" if self.fc_norm is None else self.fc_norm
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    # ------------------------------------------------------------------ checks and (de)serialisation
+    def validate(self) -> None:
+        """Raise ValueError naming the first field whose value cannot build a model."""
+
+        def need(ok: bool, name: str, message: str) -> None:
+            if not ok:
+                raise ValueError(f"ViTConfig.{name}: {message} (got {getattr(self, name)!r})")
+
+        for name in ("in_chans", "embed_dim", "depth", "num_heads", "mlp_dim"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool) and value > 0, name, "must be a positive integer")
+        need(isinstance(self.num_classes, int) and self.num_classes >= 0, "num_classes", "must be an integer >= 0")
+        need(isinstance(self.reg_tokens, int) and self.reg_tokens >= 0, "reg_tokens", "must be an integer >= 0")
+        need(all(p > 0 for p in self.patch_size), "patch_size", "must be positive")
+        need(self.embed_dim % self.num_heads == 0, "embed_dim", f"must be divisible by num_heads={self.num_heads}")
+        need(self.global_pool in ("token", "avg"), "global_pool", "must be 'token' or 'avg'")
+        need(self.global_pool != "token" or self.class_token, "global_pool",
+             "'token' pooling needs class_token=True; use global_pool='avg' without a class token")
+        stride = self.stem_stride
+        need(all(s > 0 and s % p == 0 for s, p in zip(self.img_size, stride)), "img_size",
+             f"must be positive and divisible by the stride {stride}")
+        for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
+            value = getattr(self, name)
+            need(isinstance(value, (int, float)) and 0.0 <= value < 1.0, name, "must lie in [0, 1)")
+        need(isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0, "norm_eps", "must be positive")
+        need(self.representation_size is None or self.representation_size > 0, "representation_size",
+             "must be positive or None")
+        need(self.pos_embed_interpolation in ("bicubic", "bilinear", "nearest", "area"),
+             "pos_embed_interpolation", "must be bicubic, bilinear, nearest or area")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["img_size"] = list(self.img_size)
+        data["patch_size"] = list(self.patch_size)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> "ViTConfig":
+        """Build a config from a dict, failing on keys no field reads (STYLE habit 5)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: the model config must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown model config keys {unknown}")
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{source}: {error}") from None
+
+    def replace(self, **changes: Any) -> "ViTConfig":
+        return ViTConfig.from_dict({**self.to_dict(), **changes}, source="overrides")
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+@dataclass
+class Preprocessing:
+    """How an image becomes the model's input: resize, centre crop, scale to [0, 1], normalise."""
+
+    resize: int = 256  # the shorter side, before the crop; ImageNet-style 256 -> 224
+    crop: tuple[int, int] = (224, 224)
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # the JAX reference maps pixels to [-1, 1]
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    def __post_init__(self) -> None:
+        self.crop = to_2tuple(self.crop)
+        self.mean = tuple(float(m) for m in self.mean)
+        self.std = tuple(float(s) for s in self.std)
+        if self.interpolation not in ("bicubic", "bilinear", "nearest"):
+            raise ValueError(f"Preprocessing.interpolation: unknown mode {self.interpolation!r}")
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"Preprocessing.std: must be positive (got {self.std})")
+
+    @classmethod
+    def for_size(cls, img_size: tuple[int, int], **kwargs: Any) -> "Preprocessing":
+        """The usual evaluation transform for a model input of img_size: resize by 8/7, then crop."""
+        img_size = to_2tuple(img_size)
+        resize = img_size[0] if min(img_size) <= 64 else int(round(min(img_size) * 256 / 224))
+        return cls(resize=resize, crop=img_size, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"resize": self.resize, "crop": list(self.crop), "interpolation": self.interpolation,
+                "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "preprocessing") -> "Preprocessing":
+        known = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(data, dict) or set(data) - known:
+            raise ValueError(f"{source}: preprocessing must be an object with keys {sorted(known)}, got {data!r}")
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{source}: {error}") from None
+
+
+__all__ = ["ViTConfig", "Preprocessing", "to_2tuple"]

@@ -1,0 +1,36 @@
+"""`vitkit info`: what a model is, in the paper's terms, and what it costs."""
+
+from __future__ import annotations
+
+from .model import VisionTransformer, count_flops, count_parameters
+from .variants import paper_name
+
+
+def describe(model: VisionTransformer) -> str:
+    """A human-readable summary: architecture, parameters and forward FLOPs by component."""
+    c = model.config
+    params = count_parameters(model)
+    flops = count_flops(c)
+    name = paper_name(c) or "custom ViT"
+    lines = [
+        f"{name}: {params['total'] / 1e6:.1f}M parameters, {flops['total'] / 1e9:.2f} GFLOPs per image "
+        f"at {c.img_size[0]}x{c.img_size[1]}",
+        f"  patches      {c.patch_size[0]}x{c.patch_size[1]} px -> grid {c.grid_size[0]}x{c.grid_size[1]} = {c.num_patches} patches",
+        f"  tokens       {c.num_patches + c.num_prefix_tokens} ({c.num_prefix_tokens} prefix: "
+        f"class={int(c.class_token)}, distill={int(c.distill_token)}, registers={c.reg_tokens})",
+        f"  width D      {c.embed_dim}",
+        f"  depth L      {c.depth}",
+        f"  heads        {c.num_heads} x {c.head_dim}",
+        f"  MLP size     {c.mlp_dim}",
+        f"  pooling      {'[class] token' if c.global_pool == 'token' else 'mean of patch tokens'}",
+        f"  classes      {c.num_classes}" + (f" ({', '.join(model.class_names[:5])}{', ...' if len(model.class_names) > 5 else ''})"
+                                            if model.class_names else ""),
+        "",
+        f"  {'component':<14}{'parameters':>14}{'GFLOPs':>10}",
+    ]
+    for component, count in params.items():
+        if component == "total":
+            continue
+        lines.append(f"  {component:<14}{count:>14,}{flops.get(component, 0) / 1e9:>10.3f}")
+    lines.append(f"  {'total':<14}{params['total']:>14,}{flops['total'] / 1e9:>10.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,221 @@
+"""Building models by name, and weights in and out: `create_model`, `load_pretrained`, `save_pretrained`.
+
+`load_pretrained` recognises the format itself:
+  vitkit directory     config.json {"format": "vitkit", ...} + model.safetensors
+  training run         RUN/best (or RUN/last) holding a vitkit directory
+  HF transformers      directory with config.json {"model_type": "vit", ...}, or `hf-hub:ORG/NAME`
+  timm state dict      .safetensors / .pth / .bin with timm's parameter names
+  JAX .npz             google-research/vision_transformer or big_vision layout
+The foreign formats live in vitkit.convert, one module each.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .config import Preprocessing, ViTConfig
+from .errors import CheckpointError, VitkitError
+from .model import VisionTransformer, resample_pos_embed
+from .variants import resolve
+from .weights import atomic_write, read_state_dict
+
+FORMAT_NAME = "vitkit"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+# Overrides that change how a loaded model is used, not the shape of any weight it holds.
+_ADAPTABLE = {"num_classes", "img_size"}
+
+
+def create_model(name: str | ViTConfig, **overrides: Any) -> VisionTransformer:
+    """Build a randomly initialised ViT by variant name (`"ViT-B/16"`, `"vit_base_patch16_224"`,
+    `"base"`) or from a ViTConfig, with any ViTConfig field overridden (`num_classes=10`)."""
+    config = name if isinstance(name, ViTConfig) else resolve(name)
+    if overrides:
+        config = config.replace(**overrides)
+    return VisionTransformer(config)
+
+
+def save_pretrained(model: VisionTransformer, directory: str | Path) -> Path:
+    """Write `model` as a vitkit directory: model.safetensors plus config.json holding the
+    architecture, class names and preprocessing: everything needed to rebuild and use it.
+    Each file is written atomically, so a crash never leaves a half-written checkpoint."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    meta = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "model": model.config.to_dict(),
+        "class_names": model.class_names,
+        "preprocessing": model.preprocessing.to_dict(),
+    }
+    text = json.dumps(meta, indent=2)
+    atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
+    return directory
+
+
+def load_pretrained(source: str | Path, model: str | ViTConfig | None = None, **overrides: Any) -> VisionTransformer:
+    """Load a ready model from any supported `source` (see the module docstring), on the CPU, in
+    eval mode.
+
+    model: a variant name or ViTConfig, for files that cannot say the whole architecture
+        (a timm state dict does not record the number of heads).
+    overrides: ViTConfig fields. A different `num_classes` gives a freshly initialised head (with a
+        warning); a different `img_size` resamples the position embeddings in 2-D. Fields that would
+        change a weight's shape (width, depth, ...) are refused.
+    """
+    base = None if model is None else (model if isinstance(model, ViTConfig) else resolve(model))
+    config, state, extras = read_checkpoint(source, base=base)
+    return build_from_checkpoint(config, state, extras, source=str(source), overrides=overrides)
+
+
+def read_checkpoint(source: str | Path, *, base: ViTConfig | None = None) -> tuple[ViTConfig, dict[str, Tensor], dict[str, Any]]:
+    """Read `source` into (config, vitkit state dict, extras), detecting the format.
+    extras may hold "class_names" and "preprocessing"."""
+    text = str(source)
+    if text.startswith("hf-hub:"):
+        from .convert.hf import download_hf_hub
+
+        source = download_hf_hub(text.removeprefix("hf-hub:"))
+    path = Path(source)
+    if path.is_dir():
+        best = next((path / sub for sub in ("best", "last") if (path / sub / CONFIG_FILE).is_file()), None)
+        if best is not None and not (path / CONFIG_FILE).is_file():
+            path = best
+        config_file = path / CONFIG_FILE
+        if not config_file.is_file():
+            raise CheckpointError(path, f"a directory without {CONFIG_FILE}: not a vitkit, HuggingFace or run directory")
+        meta = _read_json(config_file)
+        if meta.get("format") == FORMAT_NAME:
+            return _read_vitkit_dir(path, meta)
+        if meta.get("model_type") in ("vit", "deit"):
+            from .convert.hf import read_hf_dir
+
+            return read_hf_dir(path, meta)
+        raise CheckpointError(config_file, "neither a vitkit config (format: vitkit) nor a HuggingFace ViT config "
+                                           f"(model_type: vit); found keys {sorted(meta)[:8]}")
+    if not path.exists():
+        raise CheckpointError(path, "no such file or directory")
+    if path.suffix.lower() == ".npz":
+        from .convert.jax_npz import read_npz_checkpoint
+
+        return read_npz_checkpoint(path)
+    state = read_state_dict(path)
+    from .convert.timm import read_timm_state_dict
+
+    return read_timm_state_dict(state, base=base, source=str(path))
+
+
+def _read_vitkit_dir(path: Path, meta: dict[str, Any]) -> tuple[ViTConfig, dict[str, Tensor], dict[str, Any]]:
+    config_file = path / CONFIG_FILE
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(config_file, f"unsupported format_version {meta.get('format_version')!r} "
+                                           f"(this vitkit reads {FORMAT_VERSION})")
+    unknown = sorted(set(meta) - {"format", "format_version", "model", "class_names", "preprocessing"})
+    if unknown:
+        raise CheckpointError(config_file, f"unknown keys {unknown}")
+    try:
+        config = ViTConfig.from_dict(meta.get("model"), source="model")
+        preprocessing = Preprocessing.from_dict(meta.get("preprocessing"), source="preprocessing")
+    except ValueError as error:
+        raise CheckpointError(config_file, str(error)) from None
+    class_names = meta.get("class_names")
+    if class_names is not None and (not isinstance(class_names, list) or not all(isinstance(c, str) for c in class_names)):
+        raise CheckpointError(config_file, "class_names must be a list of strings or null")
+    if class_names is not None and len(class_names) != config.num_classes:
+        raise CheckpointError(config_file, f"{len(class_names)} class names for a model of {config.num_classes} classes")
+    state = read_state_dict(path / WEIGHTS_FILE)
+    return config, state, {"class_names": class_names, "preprocessing": preprocessing}
+
+
+def build_from_checkpoint(config: ViTConfig, state: dict[str, Tensor], extras: dict[str, Any], *,
+                          source: str, overrides: dict[str, Any] | None = None) -> VisionTransformer:
+    """Build the model `config` describes, load `state` into it strictly, then apply overrides."""
+    overrides = dict(overrides or {})
+    fixed = {k: v for k, v in overrides.items() if k not in _ADAPTABLE}
+    current = config.to_dict()
+    for key, value in fixed.items():
+        if key not in current:
+            raise VitkitError(f"{source}: unknown model option {key!r}")
+    build_config = config.replace(**fixed) if fixed else config
+    shape_changes = [k for k in ("embed_dim", "depth", "num_heads", "mlp_dim", "patch_size", "in_chans",
+                                 "class_token", "reg_tokens", "representation_size", "qkv_bias", "qk_norm",
+                                 "distill_token", "hybrid_stem")
+                     if getattr(build_config, k) != getattr(config, k)]
+    if shape_changes:
+        raise VitkitError(f"{source}: the checkpoint's {', '.join(shape_changes)} cannot be overridden "
+                          f"(it was trained with {', '.join(f'{k}={getattr(config, k)!r}' for k in shape_changes)})")
+    model = VisionTransformer(build_config)
+    load_state(model, state, source=source)
+    if extras.get("preprocessing") is not None:
+        model.preprocessing = extras["preprocessing"]
+    model.class_names = extras.get("class_names")
+    if "num_classes" in overrides and overrides["num_classes"] != config.num_classes:
+        warnings.warn(f"{source}: the head was trained for {config.num_classes} classes; it is replaced by a "
+                      f"freshly initialised head for {overrides['num_classes']} classes", stacklevel=2)
+        model.reset_classifier(overrides["num_classes"])
+    if "img_size" in overrides:
+        set_img_size(model, overrides["img_size"])
+    return model.eval()
+
+
+def load_state(model: VisionTransformer, state: dict[str, Tensor], *, source: str) -> None:
+    """Copy `state` into `model`, requiring the exact same keys and shapes; the error names them."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+                   if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_clip(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_clip(unexpected)}")
+    if wrong_shape:
+        problems.append(f"shapes that do not fit the model (file vs model) {_clip(wrong_shape)}")
+    if problems:
+        raise CheckpointError(source, "does not fit the model: " + "; ".join(problems))
+    with torch.no_grad():
+        model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+
+
+def set_img_size(model: VisionTransformer, img_size: int | tuple[int, int]) -> None:
+    """Rebuild `model` for another input resolution, resampling its position embeddings in 2-D
+    (paper Sec. 3.2) with the config's interpolation mode."""
+    old = model.config
+    new = old.replace(img_size=img_size)
+    if new.img_size == old.img_size:
+        return
+    resampled = resample_pos_embed(model.pos_embed.data, old_grid=old.grid_size, new_grid=new.grid_size,
+                                   num_prefix=old.num_prefix_tokens if old.prefix_pos_embed else 0,
+                                   mode=old.pos_embed_interpolation)
+    model.pos_embed = torch.nn.Parameter(resampled)
+    model.config = new
+    model.preprocessing = Preprocessing.for_size(new.img_size, interpolation=model.preprocessing.interpolation,
+                                                 mean=model.preprocessing.mean, std=model.preprocessing.std)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(path, f"not readable JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(path, "must hold a JSON object")
+    return data
+
+
+def _clip(items: list[str], limit: int = 8) -> str:
+    shown = ", ".join(items[:limit])
+    return f"[{shown}{', ...' if len(items) > limit else ''}] ({len(items)})"

@@ -1,0 +1,109 @@
+"""One table of named variants: the paper's Table 1 (B, L, H) plus DeiT's Ti and S.
+
+Every variant answers to three names:
+  the paper's      ViT-B/16   (also ViT-B_16, the JAX checkpoints' file names)
+  timm's           vit_base_patch16_224  (any resolution suffix: _384 builds a 384 px model)
+  the short name   base       (the paper's default patch: 16, and 14 for huge)
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from .config import ViTConfig
+
+
+@dataclass(frozen=True)
+class Size:
+    letter: str  # the paper's letter: Ti, S, B, L, H
+    name: str  # timm's word: tiny, small, base, large, huge
+    embed_dim: int  # D
+    depth: int  # L
+    num_heads: int
+    mlp_dim: int
+    default_patch: int
+
+
+# Paper Table 1; Ti and S from DeiT (Touvron et al., 2021, Table 1).
+SIZES: tuple[Size, ...] = (
+    Size("Ti", "tiny", 192, 12, 3, 768, 16),
+    Size("S", "small", 384, 12, 6, 1536, 16),
+    Size("B", "base", 768, 12, 12, 3072, 16),
+    Size("L", "large", 1024, 24, 16, 4096, 16),
+    Size("H", "huge", 1280, 32, 16, 5120, 14),
+)
+PATCH_SIZES = (8, 14, 16, 32)
+DEFAULT_IMG_SIZE = 224
+
+_BY_LETTER = {s.letter.lower(): s for s in SIZES}
+_BY_NAME = {s.name: s for s in SIZES}
+
+# Extra named models beyond the size x patch grid (hybrids, small-image recipes, DeiT):
+# name -> (base name, overrides). Modules that define such models register them here.
+EXTRA_MODELS: dict[str, tuple[str, dict[str, Any]]] = {}
+
+_PAPER = re.compile(r"^vit-(ti|s|b|l|h)[/_](\d+)$")
+_TIMM = re.compile(r"^vit_(tiny|small|base|large|huge)_patch(\d+)(?:_(\d+))?$")
+
+
+def register_model(name: str, base: str, **overrides: Any) -> None:
+    """Add a named model: `base` (any name resolve() accepts) with `overrides` applied."""
+    EXTRA_MODELS[name.lower()] = (base, overrides)
+
+
+def _config_for(size: Size, patch: int, img_size: int) -> ViTConfig:
+    return ViTConfig(img_size=img_size, patch_size=patch, embed_dim=size.embed_dim, depth=size.depth,
+                     num_heads=size.num_heads, mlp_dim=size.mlp_dim)
+
+
+def resolve(name: str) -> ViTConfig:
+    """Return the ViTConfig a variant name stands for; unknown names list the close matches."""
+    key = name.strip().lower()
+    if key in EXTRA_MODELS:
+        base, overrides = EXTRA_MODELS[key]
+        return resolve(base).replace(**overrides)
+    if key in _BY_NAME:
+        size = _BY_NAME[key]
+        return _config_for(size, size.default_patch, DEFAULT_IMG_SIZE)
+    match = _PAPER.match(key)
+    if match:
+        return _config_for(_BY_LETTER[match.group(1)], int(match.group(2)), DEFAULT_IMG_SIZE)
+    match = _TIMM.match(key)
+    if match:
+        img_size = int(match.group(3) or DEFAULT_IMG_SIZE)
+        return _config_for(_BY_NAME[match.group(1)], int(match.group(2)), img_size)
+    close = difflib.get_close_matches(key, [n.lower() for n in list_models()], n=5, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; `vitkit.list_models()` lists them all"
+    raise ValueError(f"unknown model name {name!r}{hint}")
+
+
+def list_models() -> list[str]:
+    """Every name the table knows: short, paper and timm forms (timm's at 224 px)."""
+    names = [s.name for s in SIZES]
+    for size in SIZES:
+        for patch in PATCH_SIZES:
+            names.append(f"ViT-{size.letter}/{patch}")
+            names.append(f"vit_{size.name}_patch{patch}_{DEFAULT_IMG_SIZE}")
+    names.extend(EXTRA_MODELS)
+    return names
+
+
+def paper_name(config: ViTConfig) -> str | None:
+    """The paper's name for a config of a standard size (ViT-B/16), or None."""
+    for size in SIZES:
+        if (config.embed_dim, config.depth, config.num_heads, config.mlp_dim) == (
+                size.embed_dim, size.depth, size.num_heads, size.mlp_dim):
+            patch = config.patch_size
+            return f"ViT-{size.letter}/{patch[0]}" if patch[0] == patch[1] else f"ViT-{size.letter}/{patch[0]}x{patch[1]}"
+    return None
+
+
+def heads_for_width(embed_dim: int) -> int | None:
+    """The head count the standard table uses at this width, or None for a non-standard width."""
+    for size in SIZES:
+        if size.embed_dim == embed_dim:
+            return size.num_heads
+    return None

@@ -1,0 +1,123 @@
+"""Reading and writing raw weight files safely: nothing in a file ever runs as code.
+
+safetensors holds only tensors; `.npz` is read with `allow_pickle=False`; PyTorch pickles load
+only through `torch.load(weights_only=True)`, which refuses any object that is not plain data.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import CheckpointError
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Read a flat name -> tensor mapping from .safetensors, .pth/.pt/.bin/.ckpt or .npz.
+
+    PyTorch files that wrap the weights (`{"model": ...}`, `{"state_dict": ...}`) are unwrapped.
+    Raises CheckpointError naming the file for anything missing, unreadable or unsafe.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(path, "no such file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(path, "the file is empty")
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        return _read_safetensors(path)
+    if suffix == ".npz":
+        return {k: torch.from_numpy(v.copy()) for k, v in read_npz(path).items()}
+    if suffix in PICKLE_SUFFIXES:
+        return _read_torch_pickle(path)
+    raise CheckpointError(path, f"unknown weights format {suffix!r}; expected .safetensors, .npz, "
+                                f"or a PyTorch file ({', '.join(PICKLE_SUFFIXES)})")
+
+
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise CheckpointError(path, f"not a readable safetensors file ({_first_line(error)})") from None
+
+
+def _read_torch_pickle(path: Path) -> dict[str, Tensor]:
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # weights_only refused a global: the file wants to build objects (or run code) on load.
+        raise CheckpointError(path, "refused: the file holds Python objects beyond plain tensors and "
+                                    f"loading it could run code ({_first_line(error)}); convert it to "
+                                    "safetensors in a trusted environment") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, UnicodeDecodeError) as error:
+        raise CheckpointError(path, f"not a readable PyTorch checkpoint ({_first_line(error)})") from None
+    for wrapper in ("state_dict", "model", "module", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+            break
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointError(path, "does not hold a state dict (a mapping of names to tensors)")
+    bad = [k for k, v in obj.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise CheckpointError(path, f"entries that are not tensors: {bad[:5]}")
+    return {str(k).removeprefix("module."): v for k, v in obj.items()}
+
+
+def read_npz(path: str | Path) -> dict[str, np.ndarray]:
+    """Read every array of an .npz file, never unpickling (allow_pickle=False)."""
+    path = Path(path)
+    try:
+        with np.load(str(path), allow_pickle=False) as archive:
+            return {key: archive[key] for key in archive.files}
+    except ValueError as error:
+        raise CheckpointError(path, f"refused: the archive holds pickled objects ({_first_line(error)})") from None
+    except (OSError, zipfile.BadZipFile, EOFError) as error:
+        raise CheckpointError(path, f"not a readable .npz archive ({_first_line(error)})") from None
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Call write(tmp_path), fsync, then rename onto `path`: a crash leaves the old file whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:200] if text else type(error).__name__

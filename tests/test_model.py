@@ -1,0 +1,162 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vitkit
+from vitkit import ViTConfig, create_model
+from vitkit.layers import PatchEmbed
+from vitkit.model import count_flops
+
+from conftest import randomize
+
+TINY = dict(embed_dim=32, depth=2, num_heads=4, mlp_dim=64, num_classes=7)
+
+
+def tiny(**kw):
+    return create_model(ViTConfig(**{"img_size": 32, "patch_size": 8, **TINY, **kw})).eval()
+
+
+def test_patch_embed_conv_equals_flatten_and_linear():
+    embed = PatchEmbed(patch_size=(4, 4), in_chans=3, embed_dim=10)
+    x = torch.randn(2, 3, 8, 12)
+    # The paper's form: cut patches in raster order, flatten each (C, P, P), multiply by E.
+    patches = x.unfold(2, 4, 4).unfold(3, 4, 4)  # (B, C, 2, 3, P, P)
+    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(2, 6, 3 * 16)  # (B, N, C*P*P)
+    linear = F.linear(patches, embed.proj.weight.reshape(10, -1), embed.proj.bias)
+    torch.testing.assert_close(embed(x), linear, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name, published_millions", [
+    ("ViT-Ti/16", 5.7), ("ViT-S/16", 22.1), ("ViT-B/16", 86.6), ("ViT-L/16", 304.3), ("ViT-H/14", 632.0)])
+def test_parameter_counts_match_published(name, published_millions):
+    with torch.device("meta"):
+        model = create_model(name)
+    count = sum(p.numel() for p in model.parameters()) / 1e6
+    assert abs(count - published_millions) < 0.05 * (1 if published_millions < 100 else 10)
+
+
+def test_three_names_for_one_variant():
+    a, b, c = (vitkit.variants.resolve(n) for n in ("ViT-B/16", "vit_base_patch16_224", "base"))
+    assert a == b == c
+    assert vitkit.variants.resolve("huge").patch_size == (14, 14)
+    assert vitkit.variants.resolve("vit_large_patch32_384").img_size == (384, 384)
+
+
+def test_unknown_name_lists_close_matches():
+    with pytest.raises(ValueError, match="vit_base_patch16_224"):
+        vitkit.variants.resolve("vit_bsae_patch16_224")
+
+
+@pytest.mark.parametrize("name", ["tiny", "small", "base", "large", "huge", "ViT-S/8", "ViT-B/32", "ViT-L/14"])
+def test_every_variant_runs_at_tiny_size(name):
+    # Each variant's shape logic, at a tiny width and depth so the suite stays fast.
+    config = vitkit.variants.resolve(name)
+    model = create_model(config.replace(embed_dim=32, num_heads=2, mlp_dim=32, depth=1, num_classes=3,
+                                        img_size=config.patch_size[0] * 2)).eval()
+    out = model(torch.randn(1, 3, *model.config.img_size))
+    assert out.shape == (1, 3)
+
+
+def test_forward_shapes_and_options():
+    for kw in [dict(), dict(class_token=False, global_pool="avg"), dict(reg_tokens=4), dict(init_values=1e-5),
+               dict(qk_norm=True), dict(qkv_bias=False), dict(in_chans=1), dict(representation_size=16),
+               dict(img_size=(32, 48)), dict(distill_token=True)]:
+        model = randomize(tiny(**kw))
+        c = model.config
+        x = torch.randn(2, c.in_chans, *c.img_size)
+        assert model(x).shape == (2, 7), kw
+        assert model.forward_features(x).shape == (2, c.num_patches + c.num_prefix_tokens, 32)
+
+
+def test_fused_attention_equals_explicit_attention():
+    model = randomize(tiny(depth=3))
+    x = torch.randn(2, 3, 32, 32)
+    fused = model.forward_intermediates(x)
+    explicit = model.forward_intermediates(x, attention_layers=[0, 1, 2])
+    torch.testing.assert_close(fused.features, explicit.features, atol=1e-5, rtol=1e-5)
+    attn = explicit.attentions[1]
+    assert attn.shape == (2, 4, 17, 17)
+    torch.testing.assert_close(attn.sum(-1), torch.ones(2, 4, 17))
+    only_last = model.forward_intermediates(x, attention_layers=[-1], indices=[0])
+    assert set(only_last.attentions) == {2} and set(only_last.intermediates) == {0}
+
+
+def test_forward_at_another_resolution_resamples_position_embeddings():
+    model = randomize(tiny())
+    out = model(torch.randn(1, 3, 64, 48))  # built for 32x32: a 8x6 grid instead of 4x4
+    assert out.shape == (1, 7)
+    # Resampling to the same grid is the identity; the class entry is never touched.
+    same = vitkit.resample_pos_embed(model.pos_embed, old_grid=(4, 4), new_grid=(4, 4), num_prefix=1)
+    assert same is model.pos_embed
+    bigger = vitkit.resample_pos_embed(model.pos_embed, old_grid=(4, 4), new_grid=(8, 6), num_prefix=1,
+                                       mode="bilinear")
+    assert bigger.shape == (1, 1 + 48, 32)
+    torch.testing.assert_close(bigger[:, 0], model.pos_embed[:, 0])
+
+
+def test_resolution_matches_timm_dynamic_resampling():
+    timm = pytest.importorskip("timm")
+    ref = randomize(timm.create_model("vit_tiny_patch16_224", num_classes=5, img_size=64, dynamic_img_size=True)).eval()
+    model = create_model("ViT-Ti/16", num_classes=5, img_size=64).eval()
+    model.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 96, 80)
+    torch.testing.assert_close(model(x), ref(x), atol=1e-4, rtol=1e-4)
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    model = randomize(tiny()).train()
+    x = torch.randn(2, 3, 32, 32)
+    model(x).sum().backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    model(x).sum().backward()
+    for a, p in zip(plain, model.parameters()):
+        torch.testing.assert_close(a, p.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_drop_path_is_identity_in_eval_and_random_in_train():
+    model = randomize(tiny(drop_path_rate=0.5))
+    x = torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(model(x), model(x))
+    model.train()
+    assert not torch.allclose(model(x), model(x))
+
+
+def test_bad_configs_name_the_field():
+    with pytest.raises(ValueError, match="embed_dim"):
+        ViTConfig(embed_dim=30, num_heads=4)
+    with pytest.raises(ValueError, match="img_size"):
+        ViTConfig(img_size=30, patch_size=16)
+    with pytest.raises(ValueError, match="global_pool"):
+        ViTConfig(class_token=False)
+    with pytest.raises(ValueError, match="unknown model config keys"):
+        ViTConfig.from_dict({"embed_dimm": 3})
+
+
+def test_flops_of_vit_b16():
+    # 17.6 GMACs per 224 px image is the usual figure for ViT-B/16 (timm, fvcore).
+    assert abs(count_flops(vitkit.variants.resolve("ViT-B/16"))["total"] / 2e9 - 17.6) < 0.2
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = randomize(tiny())
+    model.class_names = [f"c{i}" for i in range(7)]
+    model.save_pretrained(tmp_path / "m")
+    loaded = vitkit.load_pretrained(tmp_path / "m")
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded(x), model(x))
+    assert loaded.class_names == model.class_names
+    assert loaded.preprocessing == model.preprocessing
+    assert loaded.config == model.config
+
+
+def test_load_overrides_new_head_and_resolution(tmp_path):
+    model = randomize(tiny())
+    model.save_pretrained(tmp_path / "m")
+    with pytest.warns(UserWarning, match="freshly initialised head"):
+        loaded = vitkit.load_pretrained(tmp_path / "m", num_classes=3, img_size=64)
+    assert loaded(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+    assert loaded.pos_embed.shape == (1, 1 + 64, 32)
+    with pytest.raises(vitkit.VitkitError, match="embed_dim"):
+        vitkit.load_pretrained(tmp_path / "m", embed_dim=64, num_heads=4)
