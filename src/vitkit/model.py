@@ -236,11 +236,19 @@ class VisionTransformer(nn.Module):
 
 
 def _build_stem(config: ViTConfig) -> nn.Module:
-    if config.hybrid_stem:
-        from .hybrid import build_hybrid_stem  # only hybrid models need the CNN code
+    """Steps 1-2 for a plain ViT; a hybrid's CNN stem (only hybrid models import the CNN code)."""
+    if not config.hybrid_stem:
+        return PatchEmbed(patch_size=config.patch_size, in_chans=config.in_chans, embed_dim=config.embed_dim)
+    kind = config.hybrid_stem.get("type")
+    if kind == "resnet":  # the paper's BiT ResNet hybrid (R50+ViT-B/16)
+        from .hybrid import build_resnet_stem
 
-        return build_hybrid_stem(config)
-    return PatchEmbed(patch_size=config.patch_size, in_chans=config.in_chans, embed_dim=config.embed_dim)
+        return build_resnet_stem(config)
+    if kind == "conv":  # a few strided 3x3 convolutions for small images
+        from .conv_stem import build_conv_stem
+
+        return build_conv_stem(config)
+    raise ValueError(f"ViTConfig.hybrid_stem: unknown type {kind!r}; expected 'resnet' or 'conv'")
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
