@@ -5,6 +5,7 @@ from .errors import CheckpointError, VitkitError
 from .model import VisionTransformer, count_flops, count_parameters, resample_pos_embed
 from .pretrained import create_model, load_pretrained, save_pretrained
 from .variants import list_models
+from . import conv_stem as _conv_stem  # noqa: F401  (registers the small-image models)
 
 __version__ = "0.1.0"
 

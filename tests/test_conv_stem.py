@@ -1,0 +1,113 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vitkit
+from vitkit import ViTConfig, create_model, load_pretrained, save_pretrained
+from vitkit.conv_stem import build_conv_stem
+
+from conftest import randomize
+
+TINY = dict(embed_dim=32, depth=1, num_heads=2, mlp_dim=64, num_classes=5)
+
+
+def conv_config(img_size=16, **stem):
+    spec = {"type": "conv", "stride": 2, "channels": [8, 16], **stem}
+    return ViTConfig(img_size=img_size, patch_size=2, hybrid_stem=spec, **TINY)
+
+
+@pytest.mark.parametrize("stride, patch, grid", [(1, 4, 4), (2, 2, 4), (4, 1, 4), (2, 1, 8)])
+def test_token_grid_follows_stride_times_patch(stride, patch, grid):
+    channels = [8] * max(1, stride.bit_length() - 1)
+    config = ViTConfig(img_size=16, patch_size=patch, hybrid_stem={"type": "conv", "stride": stride, "channels": channels},
+                       **TINY)
+    assert config.grid_size == (grid, grid)
+    tokens = build_conv_stem(config)(torch.randn(3, 3, 16, 16))
+    assert tokens.shape == (3, grid * grid, 32)
+    model = create_model(config).eval()
+    assert model(torch.randn(2, 3, 16, 16)).shape == (2, 5)
+
+
+def test_default_strides_downsample_last_and_tokens_are_raster_order():
+    stem = build_conv_stem(conv_config(channels=[4, 8, 16], stride=4)).eval()
+    assert [layer.conv.stride for layer in stem.stem] == [(1, 1), (2, 2), (2, 2)]
+    # Tokens must be the feature map's positions in raster order, as PatchEmbed numbers them.
+    x = torch.randn(2, 3, 16, 16)
+    fmap = stem.proj(stem.stem(x))  # (B, D, 2, 2)
+    tokens = stem(x)
+    torch.testing.assert_close(tokens[:, 1], fmap[:, :, 0, 1])
+    torch.testing.assert_close(tokens[:, 2], fmap[:, :, 1, 0])
+
+
+def test_group_norm_stem_is_batch_independent():
+    stem = build_conv_stem(conv_config(norm="group")).train()
+    x = torch.randn(4, 3, 16, 16)
+    # GroupNorm normalises each sample alone, so one image's tokens don't depend on its batch.
+    torch.testing.assert_close(stem(x)[:1], stem(x[:1]), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("stem, message", [
+    ({"channels": []}, "channels"),
+    ({"channels": [8, -1]}, "channels"),
+    ({"stride": 3, "img_size": 12}, "power of two"),
+    ({"stride": 8}, "at least 3 conv layers"),
+    ({"strides": [2, 2]}, "downsample by 4"),
+    ({"strides": [1, 3]}, "strides"),
+    ({"norm": "layer"}, "norm"),
+    ({"kernel": 5}, "unknown keys"),
+])
+def test_bad_stem_specs_name_the_key(stem, message):
+    with pytest.raises(ValueError, match=message):
+        create_model(conv_config(**stem))
+
+
+def test_image_not_divisible_by_stem_stride_is_refused():
+    stem = build_conv_stem(conv_config())
+    with pytest.raises(ValueError, match="stride 4x4"):
+        stem(torch.randn(1, 3, 18, 18))
+
+
+@pytest.mark.parametrize("name", ["vit_cifar", "vit_cifar_conv", "hybrid-cifar"])
+def test_registered_small_image_models_train_at_tiny_size(name):
+    assert name in vitkit.list_models()
+    config = vitkit.variants.resolve(name)
+    assert config.img_size == (32, 32) and config.num_classes == 10 and config.grid_size == (8, 8)
+    small = {"embed_dim": 32, "num_heads": 2, "mlp_dim": 32, "depth": 1}
+    if config.hybrid_stem:
+        small["hybrid_stem"] = {**config.hybrid_stem, "channels": [8, 8, 16]}
+    model = randomize(create_model(name, **small)).train()  # a zero head would pass no gradient back
+    x = torch.randn(4, 3, 32, 32)
+    loss = F.cross_entropy(model(x), torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    assert torch.isfinite(loss)
+    # Every parameter, the stem's included, must receive a gradient.
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing
+    if config.hybrid_stem:
+        assert model.patch_embed.stem[0].conv.weight.grad.abs().sum() > 0
+
+
+def test_full_size_registered_models_have_expected_size():
+    with torch.device("meta"):
+        plain = create_model("vit_cifar")
+        hybrid = create_model("vit_cifar_conv")
+    count = lambda m: sum(p.numel() for p in m.parameters()) / 1e6  # noqa: E731
+    assert 2.0 < count(plain) < 3.0
+    assert 3.0 < count(hybrid) < 5.0
+
+
+def test_conv_stem_model_round_trips_through_save_and_load(tmp_path):
+    model = randomize(create_model(conv_config()))
+    # BatchNorm's running statistics are buffers: they must travel with the weights.
+    model.train()
+    model(torch.randn(8, 3, 16, 16))
+    model.eval()
+    assert model.patch_embed.stem[0].norm.num_batches_tracked.item() == 1
+    model.class_names = list("abcde")
+    save_pretrained(model, tmp_path / "m")
+    loaded = load_pretrained(tmp_path / "m")
+    assert loaded.config == model.config and loaded.class_names == list("abcde")
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, msg=key)
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(loaded(x), model(x))
