@@ -6,6 +6,8 @@ accept the same files and reject the same broken ones with the same message.
 
 from __future__ import annotations
 
+import io
+import struct
 import warnings
 from pathlib import Path
 
@@ -39,29 +41,41 @@ def read_image(path: str | Path) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(path, "no such file")
-    if path.stat().st_size == 0:
-        raise ImageReadError(path, "the file is empty")
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise ImageReadError(path, f"cannot be read ({error.strerror or error})") from None
+    return decode_image(data, name=str(path))
+
+
+def decode_image(data: bytes, *, name: str) -> Image.Image:
+    """`read_image` for bytes already in memory (an archive member, an embedded sample);
+    `name` is what error messages call the image."""
+    if len(data) == 0:
+        raise ImageReadError(name, "the file is empty")
     try:
         with warnings.catch_warnings():
             # A bomb warning is as bad as the error Pillow raises at twice the size: refuse both.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(io.BytesIO(data)) as image:
                 if image.width * image.height > MAX_PIXELS:
-                    raise ImageReadError(path, f"{image.width}x{image.height} pixels exceeds the "
+                    raise ImageReadError(name, f"{image.width}x{image.height} pixels exceeds the "
                                                f"{MAX_PIXELS:,}-pixel limit (a decompression bomb?)")
+                if image.width < 1 or image.height < 1:
+                    raise ImageReadError(name, f"an image of {image.width}x{image.height} pixels")
                 image.load()
                 image = ImageOps.exif_transpose(image) or image
                 return to_rgb(image)
     except ImageReadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ImageReadError(path, f"refused as a decompression bomb ({error})") from None
+        raise ImageReadError(name, f"refused as a decompression bomb ({error})") from None
     except UnidentifiedImageError:
-        raise ImageReadError(path, "not an image Pillow can read") from None
-    except (OSError, ValueError, SyntaxError, EOFError, TypeError, IndexError, KeyError,
-            ZeroDivisionError, MemoryError) as error:
+        raise ImageReadError(name, "not an image Pillow can read") from None
+    except (OSError, ValueError, SyntaxError, EOFError, TypeError, IndexError, KeyError, AttributeError,
+            ZeroDivisionError, MemoryError, OverflowError, struct.error, RuntimeError) as error:
         # Pillow's decoders signal truncated or corrupt data through many exception types.
-        raise ImageReadError(path, f"a broken or truncated image ({type(error).__name__}: {str(error)[:120]})") from None
+        raise ImageReadError(name, f"a broken or truncated image ({type(error).__name__}: {str(error)[:120]})") from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
