@@ -127,3 +127,19 @@ def test_bad_specs_name_the_key():
     model = create_model(ViTConfig(img_size=32, hybrid_stem=TINY_SPEC, **TINY))
     with pytest.raises(ValueError, match="not divisible"):
         model(torch.randn(1, 3, 36, 32))
+
+
+@pytest.mark.parametrize("name", ["vit_base_r50_s16_224", "vit_tiny_r_s16_p8_224"])
+def test_load_pretrained_reads_timm_hybrid_files(name, tmp_path):
+    # A timm state dict on disk, read by vitkit's timm converter with the hybrid reader hook.
+    from safetensors.torch import save_file
+
+    img = 64 if "tiny" in name else 32
+    ref = _randomize(timm.create_model(name, img_size=img, depth=1, num_classes=5)).eval()
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, tmp_path / "w.safetensors")
+    base = vitkit.variants.resolve(name).replace(img_size=img, depth=1, num_classes=5)
+    model = vitkit.load_pretrained(tmp_path / "w.safetensors", model=base)
+    assert model.config.hybrid_stem == base.hybrid_stem
+    x = torch.randn(1, 3, img, img)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), atol=1e-4, rtol=1e-4)

@@ -6,6 +6,7 @@ from .model import VisionTransformer, count_flops, count_parameters, resample_po
 from .pretrained import create_model, load_pretrained, save_pretrained
 from .variants import list_models
 from . import conv_stem as _conv_stem  # noqa: F401  (registers the small-image models)
+from . import hybrid as _hybrid  # noqa: F401  (registers the R50+ViT hybrids and their converter hooks)
 
 __version__ = "0.1.0"
 

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ViTConfig
+from .errors import CheckpointError
 from .variants import register_model
 
 _KEYS = {"type", "layers", "stride", "width"}
@@ -299,6 +300,62 @@ def state_to_npz(state: Mapping[str, Tensor], *, prefix: str = "") -> dict[str, 
             key = f"block{int(match.group(1)) + 1}/unit{int(match.group(2)) + 1}/{parts[match.group(3)]}/{jax_leaf}"
         out[prefix + key] = np.ascontiguousarray(array)
     return out
+
+
+# ---------------------------------------------------------------------------- converter hooks
+def _stage_layers(names: list[str], pattern: str, source: str) -> list[int]:
+    """Units per stage from names matching `pattern` (groups: stage, unit; numbered from 0 or 1)."""
+    units: dict[int, set[int]] = {}
+    for name in names:
+        match = re.match(pattern, name)
+        if match:
+            units.setdefault(int(match.group(1)), set()).add(int(match.group(2)))
+    stages = sorted(units)
+    first = stages[0] if stages else 0
+    if stages != list(range(first, first + len(stages))) or any(
+            sorted(u) != list(range(min(u), min(u) + len(u))) for u in units.values()):
+        raise CheckpointError(source, f"the ResNet stages/units are not numbered without gaps: "
+                                      f"{ {s: sorted(u) for s, u in units.items()} }")
+    return [len(units[s]) for s in stages]
+
+
+def _read_timm_stem(keys: Any, fields: dict[str, Any]) -> dict[str, Any]:
+    """STEM_READERS["timm"]: a timm hybrid's `patch_embed.backbone.*` keep their names here."""
+    prefix = "patch_embed.backbone."
+    names = [k for k in keys.tensors if k.startswith(prefix)]
+    root_key = prefix + ("conv.weight" if prefix + "conv.weight" in keys else "stem.conv.weight")
+    if root_key not in keys:
+        raise CheckpointError(keys.source, "a hybrid whose backbone is not a BiT ResNetV2 (no "
+                                           f"{prefix}stem.conv.weight); vitkit builds only those")
+    layers = _stage_layers(names, r"^patch_embed\.backbone\.stages\.(\d+)\.blocks\.(\d+)\.", keys.source)
+    root = keys.tensors[root_key]  # (width, C, 7, 7)
+    fields["in_chans"] = int(root.shape[1])
+    for name in names:
+        keys.out[name] = keys.take(name)
+    return {"type": "resnet", "layers": layers, "stride": backbone_stride(layers), "width": int(root.shape[0])}
+
+
+def _read_npz_stem(keys: Any, fields: dict[str, Any]) -> dict[str, Any]:
+    """STEM_READERS["npz"]: `conv_root`, `gn_root`, `block{s}/unit{u}/...` -> `patch_embed.backbone.*`."""
+    root_key = next((k for k in keys.tensors if k.endswith("conv_root/kernel")), None)
+    if root_key is None:
+        raise CheckpointError(keys.source, "a hybrid checkpoint without conv_root/kernel")
+    prefix = root_key.removesuffix("conv_root/kernel")
+    arrays = {k: keys.take(k) for k in list(keys.tensors) if is_npz_stem_key(k, prefix=prefix)}
+    spec = npz_spec(arrays, prefix=prefix)
+    fields["in_chans"] = int(arrays[root_key].shape[2])  # HWIO
+    keys.out.update(npz_to_state(arrays, prefix=prefix))
+    return spec
+
+
+def _register_readers() -> None:
+    from .convert import STEM_READERS
+
+    STEM_READERS.setdefault("timm", _read_timm_stem)
+    STEM_READERS.setdefault("npz", _read_npz_stem)
+
+
+_register_readers()
 
 
 # ---------------------------------------------------------------------------- named hybrids
