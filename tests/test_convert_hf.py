@@ -1,0 +1,159 @@
+"""HuggingFace transformers ViT / DeiT in and out: same logits as transformers' own models, offline."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import vitkit
+from vitkit import CheckpointError, ViTConfig, VitkitError
+from vitkit.convert import convert
+from vitkit.convert.hf import write_hf_dir
+
+from conftest import randomize
+
+transformers = pytest.importorskip("transformers")
+
+
+def hf_vit(cls_name="ViTForImageClassification", **kw):
+    args = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32,
+                patch_size=8, num_labels=5)
+    args.update(kw)
+    config_cls = transformers.DeiTConfig if cls_name.startswith("DeiT") else transformers.ViTConfig
+    return randomize(getattr(transformers, cls_name)(config_cls(**args))).eval()
+
+
+def logits(model, x):
+    with torch.no_grad():
+        out = model(pixel_values=x)
+    return out.logits if hasattr(out, "logits") else out.pooler_output
+
+
+@pytest.mark.parametrize("kw", [
+    dict(),
+    dict(patch_size=4, hidden_size=48, num_attention_heads=3, intermediate_size=96),
+    dict(qkv_bias=False, layer_norm_eps=1e-6),
+    dict(num_channels=1),
+    dict(image_size=[32, 48]),
+], ids=["plain", "patch4_width48", "no_qkv_bias_eps1e-6", "one_channel", "non_square"])
+def test_hf_vit_directory_gives_hf_logits(tmp_path, kw):
+    ref = hf_vit(**kw)
+    ref.save_pretrained(tmp_path / "hf")
+    model = vitkit.load_pretrained(tmp_path / "hf")
+    size = kw.get("image_size", [32, 32])
+    x = torch.randn(2, kw.get("num_channels", 3), *size)
+    assert (model(x) - logits(ref, x)).abs().max() <= 1e-4
+    assert model.config.norm_eps == kw.get("layer_norm_eps", 1e-12)  # HF's default eps, carried through
+
+
+def test_pytorch_model_bin_class_names_and_preprocessing(tmp_path):
+    ref = hf_vit(id2label={i: f"kind{i}" for i in range(5)}, label2id={f"kind{i}": i for i in range(5)})
+    ref.save_pretrained(tmp_path / "hf")
+    from safetensors.torch import load_file
+
+    torch.save(load_file(tmp_path / "hf" / "model.safetensors"), tmp_path / "hf" / "pytorch_model.bin")
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    (tmp_path / "hf" / "preprocessor_config.json").write_text(json.dumps({
+        "do_resize": True, "size": {"height": 32, "width": 32}, "resample": 3, "do_normalize": True,
+        "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}))
+    model = vitkit.load_pretrained(tmp_path / "hf")
+    x = torch.randn(2, 3, 32, 32)
+    assert (model(x) - logits(ref, x)).abs().max() <= 1e-4
+    assert model.class_names == [f"kind{i}" for i in range(5)]
+    assert model.preprocessing.mean == (0.485, 0.456, 0.406) and model.preprocessing.interpolation == "bicubic"
+
+
+def test_default_labels_give_no_class_names(tmp_path):
+    hf_vit().save_pretrained(tmp_path / "hf")
+    assert vitkit.load_pretrained(tmp_path / "hf").class_names is None
+
+
+def test_hf_deit_with_teacher(tmp_path):
+    ref = hf_vit("DeiTForImageClassificationWithTeacher")
+    ref.save_pretrained(tmp_path / "deit")
+    model = vitkit.load_pretrained(tmp_path / "deit")
+    x = torch.randn(2, 3, 32, 32)
+    assert model.config.distill_token
+    assert (model(x) - logits(ref, x)).abs().max() <= 1e-4
+
+
+def test_hf_vit_model_pooler_is_the_pre_logits_layer(tmp_path):
+    ref = hf_vit("ViTModel")
+    ref.save_pretrained(tmp_path / "bare")
+    model = vitkit.load_pretrained(tmp_path / "bare")
+    x = torch.randn(2, 3, 32, 32)
+    assert model.config.num_classes == 0 and model.config.representation_size == 32
+    assert (model(x) - logits(ref, x)).abs().max() <= 1e-4
+
+
+def _fake_hub_cache(cache, repo_id, files_from):
+    # The layout huggingface_hub itself writes: refs/main holds the commit, snapshots/<commit>/ the files.
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(files_from, repo / "snapshots" / commit)
+
+
+def test_hf_hub_id_from_the_offline_cache(tmp_path, monkeypatch):
+    ref = hf_vit()
+    ref.save_pretrained(tmp_path / "hf")
+    _fake_hub_cache(tmp_path / "cache", "someorg/tiny-vit", tmp_path / "hf")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = vitkit.load_pretrained("hf-hub:someorg/tiny-vit")
+    x = torch.randn(1, 3, 32, 32)
+    assert (model(x) - logits(ref, x)).abs().max() <= 1e-4
+    with pytest.raises(CheckpointError, match="hf-hub:someorg/absent.*not in the local HuggingFace cache"):
+        vitkit.load_pretrained("hf-hub:someorg/absent")
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(qkv_bias=False, norm_eps=1e-12, patch_size=4, in_chans=1),
+                                dict(img_size=(32, 48))], ids=["plain", "no_bias_eps_patch4_gray", "non_square"])
+def test_vitkit_to_hf_gives_same_logits_in_transformers(tmp_path, kw):
+    model = randomize(vitkit.create_model(ViTConfig(**{"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2,
+                                                       "num_heads": 4, "mlp_dim": 64, "num_classes": 3, **kw}))).eval()
+    model.class_names = ["cat", "dog", "eel"]
+    model.save_pretrained(tmp_path / "src")
+    convert(source=tmp_path / "src", destination=tmp_path / "hf", to="hf")
+    ref = transformers.ViTForImageClassification.from_pretrained(tmp_path / "hf").eval()
+    x = torch.randn(2, model.config.in_chans, *model.config.img_size)
+    assert (model(x) - logits(ref, x)).abs().max() <= 1e-4
+    assert ref.config.id2label[2] == "eel" and ref.config.layer_norm_eps == model.config.norm_eps
+    again = vitkit.load_pretrained(tmp_path / "hf")  # and back: the same model
+    assert (again(x) - model(x)).abs().max() <= 1e-5 and again.class_names == model.class_names
+
+
+def test_vitkit_deit_to_hf(tmp_path):
+    model = randomize(vitkit.create_model(ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=4,
+                                                    mlp_dim=64, num_classes=3, distill_token=True))).eval()
+    write_hf_dir(model, directory=tmp_path / "deit")
+    ref = transformers.DeiTForImageClassificationWithTeacher.from_pretrained(tmp_path / "deit").eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert (model(x) - logits(ref, x)).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("kw, what", [(dict(class_token=False, global_pool="avg"), "average pooling"),
+                                      (dict(reg_tokens=2), "register tokens"), (dict(qk_norm=True), "qk-norm")])
+def test_hf_writer_refuses_what_hf_cannot_express(tmp_path, kw, what):
+    model = vitkit.create_model(ViTConfig(**{"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1,
+                                             "num_heads": 4, "mlp_dim": 64, **kw}))
+    with pytest.raises(VitkitError, match=what):
+        write_hf_dir(model, directory=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_broken_hf_directories_are_named(tmp_path):
+    hf_vit().save_pretrained(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    with pytest.raises(CheckpointError, match="2 encoder layers"):
+        vitkit.load_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "hidden_act": "relu"}))
+    with pytest.raises(CheckpointError, match="hidden_act"):
+        vitkit.load_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="without weights"):
+        vitkit.load_pretrained(tmp_path / "hf")
