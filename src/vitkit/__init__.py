@@ -7,6 +7,7 @@ from .pretrained import create_model, load_pretrained, save_pretrained
 from .variants import list_models
 from . import conv_stem as _conv_stem  # noqa: F401  (registers the small-image models)
 from . import hybrid as _hybrid  # noqa: F401  (registers the R50+ViT hybrids and their converter hooks)
+from . import distill as _distill  # noqa: F401  (registers DeiT's named models)
 
 __version__ = "0.1.0"
 

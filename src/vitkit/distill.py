@@ -1,0 +1,123 @@
+"""DeiT: training a ViT through attention from a teacher (Touvron et al., 2021, "Training
+data-efficient image transformers & distillation through attention").
+
+The student carries a second prefix token, the distillation token (`ViTConfig(distill_token=True)`),
+whose output goes to its own head (`head_dist`). In training, the class head learns from the labels
+and the distillation head from the teacher (`distillation_loss`, the paper's Eq. 2 and 3); at
+inference the two heads' softmax inputs are averaged (`VisionTransformer.forward`, Sec. 4).
+
+The teacher is any model vitkit can load, or a torchvision CNN (`torchvision:regnety_016`, the
+paper's best teachers are RegNets) with a weights file. It sees the student's input batch as it is,
+so it must expect the same normalisation (the student's `preprocessing`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import VitkitError
+from .variants import register_model
+
+KINDS = ("soft", "hard")
+
+
+def load_teacher(source: str | Path, *, num_classes: int, device: str | torch.device = "cpu",
+                 weights: str | Path | None = None, model: str | None = None) -> nn.Module:
+    """A frozen teacher in eval mode on `device`, mapping images (B, 3, H, W) to logits (B, num_classes).
+
+    source: `torchvision:NAME` (a torchvision classification model, e.g. `torchvision:resnet18`,
+        whose weights come from `weights`, a state-dict file read without running code), or anything
+        `vitkit.load_pretrained` reads (a vitkit directory, a training run, a timm file, ...).
+    model: the variant name, for weight files that cannot say the whole architecture.
+    Raises VitkitError if the teacher cannot be built or predicts another number of classes.
+    """
+    text = str(source)
+    if text.startswith("torchvision:"):
+        teacher = _torchvision_teacher(text.removeprefix("torchvision:"), num_classes=num_classes, weights=weights)
+    else:
+        if weights is not None:
+            raise VitkitError(f"--teacher-weights is for torchvision: teachers; {text} holds its own weights")
+        from .pretrained import load_pretrained
+
+        teacher = load_pretrained(source, model=model)
+        if teacher.config.num_classes != num_classes:
+            raise VitkitError(f"{text}: the teacher predicts {teacher.config.num_classes} classes, "
+                              f"the student {num_classes}")
+    teacher.to(device).eval()
+    for param in teacher.parameters():
+        param.requires_grad_(False)
+    return teacher
+
+
+def _torchvision_teacher(name: str, *, num_classes: int, weights: str | Path | None) -> nn.Module:
+    import torchvision
+
+    from .pretrained import load_state
+    from .weights import read_state_dict
+
+    if weights is None:
+        raise VitkitError(f"torchvision:{name}: a teacher needs trained weights; pass its state-dict file "
+                          "(--teacher-weights FILE)")
+    try:
+        teacher = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    except (ValueError, KeyError) as error:
+        raise VitkitError(f"torchvision:{name}: not a torchvision model ({error})") from None
+    state = read_state_dict(weights)
+    load_state(teacher, state, source=str(weights))
+    return teacher
+
+
+def distillation_loss(cls_logits: Tensor, dist_logits: Tensor | None, teacher_logits: Tensor, targets: Tensor, *,
+                      kind: str, tau: float = 3.0, alpha: float = 0.5,
+                      base_loss: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy) -> Tensor:
+    """The DeiT objective: (1 - alpha) * base_loss(class head, labels) + alpha * a teacher term.
+
+    kind "soft" (Eq. 2): the teacher term is tau^2 * KL(softmax(teacher / tau) || softmax(student / tau)),
+        averaged over the batch; tau^2 keeps its gradients on the scale of the label term (Hinton et al.).
+    kind "hard" (Eq. 3): the teacher term is the cross-entropy with the teacher's argmax; alpha = 0.5
+        gives the paper's 1/2 + 1/2.
+    cls_logits, dist_logits, teacher_logits: (B, K). dist_logits are the distillation head's; None
+        (a student without the token) distils through the class head, the "usual distillation".
+    targets: (B,) class indices, or (B, K) probabilities (mixup / label smoothing), for base_loss.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"distillation kind must be one of {KINDS}, got {kind!r}")
+    if not tau > 0:
+        raise ValueError(f"tau must be positive, got {tau}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    student = cls_logits if dist_logits is None else dist_logits
+    if teacher_logits.shape != student.shape:
+        raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} and student logits "
+                         f"{tuple(student.shape)} differ: do teacher and student predict the same classes?")
+    teacher_logits = teacher_logits.detach()
+    base = base_loss(cls_logits, targets)
+    if kind == "soft":
+        # DeiT's code divides the summed KL by B * K; per-sample (batchmean) is Eq. 2's expectation.
+        teacher_term = F.kl_div(F.log_softmax(student / tau, dim=-1), F.log_softmax(teacher_logits / tau, dim=-1),
+                                reduction="batchmean", log_target=True) * (tau * tau)
+    else:
+        teacher_term = F.cross_entropy(student, teacher_logits.argmax(dim=-1))
+    return (1.0 - alpha) * base + alpha * teacher_term
+
+
+def student_logits(model: nn.Module, images: Tensor) -> tuple[Tensor, Tensor | None]:
+    """The (class head, distillation head) logits of a student; (logits, None) without the token."""
+    if getattr(model, "head_dist", None) is not None:
+        return model.forward_distilled(images)
+    return model(images), None
+
+
+# ---------------------------------------------------------------------------- DeiT's named models
+# The architectures are the paper's ViT-Ti/S/B (DeiT Table 1); DeiT's checkpoints expect ImageNet's
+# mean and std, which a model's `preprocessing` (not its config) carries.
+for _size, _base in (("tiny", "ViT-Ti/16"), ("small", "ViT-S/16"), ("base", "ViT-B/16")):
+    register_model(f"deit_{_size}_patch16_224", _base)
+    register_model(f"deit_{_size}_distilled_patch16_224", _base, distill_token=True)
+register_model("deit_base_patch16_384", "ViT-B/16", img_size=384)
+register_model("deit_base_distilled_patch16_384", "ViT-B/16", img_size=384, distill_token=True)
