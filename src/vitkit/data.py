@@ -390,6 +390,9 @@ class TensorLoader(BatchLoader):
                                    augment=self.augment, erasing=self.random_erasing, mean=self.mean, std=self.std)
             else:
                 x = (_eval_resize(x, self.preprocessing) / 255.0 - self.mean) / self.std
+                if self.train and self.random_erasing > 0:  # augment="none" still honours an explicit erasing
+                    u = torch.rand(len(chosen), 5, generator=_generator(self.seed, epoch, index, 1))[part]
+                    x = _random_erasing(x, u.to(self.device), self.random_erasing)
             yield x.contiguous(), self.labels[local]
 
 
@@ -657,7 +660,8 @@ def _pil_transform(*, train: bool, img_size: tuple[int, int], preprocessing: Pre
     from .images import preprocess
 
     if not train or augment == "none":
-        return lambda image: preprocess(image, preprocessing)
+        erase = v2.RandomErasing(p=random_erasing) if train and random_erasing > 0 else (lambda x: x)
+        return lambda image: erase(preprocess(image, preprocessing))
     steps = [v2.RandomResizedCrop(list(img_size), antialias=True) if min(img_size) > _SMALL_IMAGE
              else v2.Compose([v2.Resize(list(img_size), antialias=True),
                               v2.RandomCrop(list(img_size), padding=4, padding_mode="reflect")]),

@@ -1,0 +1,211 @@
+import io
+import pickle
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vitkit.config import Preprocessing
+from vitkit.data import SAMPLE_FILE, build_data, build_eval_loader
+from vitkit.errors import VitkitError
+from vitkit.images import preprocess, read_image
+
+CLASSES = ["cat", "dog", "eel"]
+
+
+def _image(label: int, i: int, size=(16, 16)) -> Image.Image:
+    rng = np.random.default_rng(label * 100 + i)
+    pixels = rng.integers(0, 60, (size[1], size[0], 3), dtype=np.uint8)
+    pixels[..., label] += 150  # each class has its own dominant channel
+    return Image.fromarray(pixels)
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    root = tmp_path / "ds"
+    for split, count in (("train", 8), ("val", 4)):
+        for label, name in enumerate(CLASSES):
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                _image(label, i + (100 if split == "val" else 0)).save(root / split / name / f"{i:03d}.png")
+    return root
+
+
+def _batches(loader, epoch=0, start=0):
+    return [(x.clone(), y.clone()) for x, y in loader.iterate(epoch, start)]
+
+
+def test_contract_shapes_lengths_and_labels(folder):
+    bundle = build_data(str(folder), img_size=16, batch_size=5)
+    assert bundle.class_names == CLASSES and bundle.skipped == []
+    assert (bundle.train.num_samples, bundle.val.num_samples) == (24, 12)
+    assert len(bundle.train) == 24 // 5 and len(bundle.val) == 3  # train drops the last partial batch; val keeps it
+    batches = _batches(bundle.val)
+    assert [len(y) for _, y in batches] == [5, 5, 2]
+    x, y = batches[0]
+    assert x.shape == (5, 3, 16, 16) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert bundle.preprocessing.crop == (16, 16)
+    # Labels follow the pixels: the dominant channel is the class.
+    x_all = torch.cat([b[0] for b in batches])
+    y_all = torch.cat([b[1] for b in batches])
+    assert torch.equal(x_all.mean((2, 3)).argmax(1), y_all)
+
+
+def test_val_batches_equal_the_predict_preprocessing(folder):
+    loader, names, _ = build_eval_loader(str(folder), preprocessing=Preprocessing.for_size((16, 16)), batch_size=12)
+    x, y = next(loader.iterate(0))
+    files = sorted((folder / "val").glob("*/*.png"))
+    expected = torch.stack([preprocess(read_image(f), Preprocessing.for_size((16, 16))) for f in files])
+    torch.testing.assert_close(x, expected, atol=1e-6, rtol=0)
+    assert y.tolist() == [CLASSES.index(f.parent.name) for f in files]
+
+
+def test_resume_mid_epoch_sees_the_same_batches(folder):
+    bundle = build_data(str(folder), img_size=16, batch_size=4, augment="randaugment", random_erasing=0.5, seed=3)
+    full = _batches(bundle.train, epoch=2)
+    tail = _batches(bundle.train, epoch=2, start=3)
+    assert len(tail) == len(full) - 3
+    for (xa, ya), (xb, yb) in zip(full[3:], tail):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    again = build_data(str(folder), img_size=16, batch_size=4, augment="randaugment", random_erasing=0.5, seed=3)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(full, _batches(again.train, epoch=2)))
+    other_epoch = _batches(bundle.train, epoch=3)
+    assert not torch.equal(full[0][1], other_epoch[0][1]) or not torch.equal(full[0][0], other_epoch[0][0])
+    # An epoch is a permutation: every training image once.
+    seen = torch.cat([y for _, y in full])
+    assert torch.bincount(seen, minlength=3).tolist() == [8, 8, 8]
+
+
+@pytest.mark.parametrize("augment", ["none", None])
+def test_rank_shards_concatenate_to_the_single_process_batch(folder, augment):
+    single = build_data(str(folder), img_size=16, batch_size=6, augment=augment, seed=1)
+    ranks = [build_data(str(folder), img_size=16, batch_size=3, augment=augment, seed=1, rank=r, world_size=2)
+             for r in range(2)]
+    assert len(ranks[0].train) == len(single.train) == 4
+    for (x, y), (x0, y0), (x1, y1) in zip(_batches(single.train, 1), _batches(ranks[0].train, 1),
+                                          _batches(ranks[1].train, 1)):
+        assert torch.equal(torch.cat([y0, y1]), y)
+        assert torch.equal(torch.cat([x0, x1]), x)
+
+
+def test_augmentations_change_pixels_but_keep_shape_and_range(folder):
+    plain = _batches(build_data(str(folder), img_size=16, batch_size=8, augment="none").train)[0][0]
+    for augment in (None, "randaugment", "trivialaugment"):
+        x = _batches(build_data(str(folder), img_size=16, batch_size=8, augment=augment).train)[0][0]
+        assert x.shape == plain.shape and torch.isfinite(x).all()
+        assert x.min() >= -1.0 - 1e-5 and x.max() <= 1.0 + 1e-5  # mean=std=0.5 maps [0, 1] to [-1, 1]
+        assert not torch.equal(x, plain)
+    erased = _batches(build_data(str(folder), img_size=16, batch_size=8, augment="none", random_erasing=1.0).train)
+    zeros = (erased[0][0] == 0).all(1).flatten(1).sum(1)  # erased pixels per sample
+    assert (zeros >= 0.02 * 256 * 0.5).all()
+
+
+def test_upsampling_and_large_images_use_random_resized_crop(folder):
+    bundle = build_data(str(folder), img_size=96, batch_size=4)
+    x, _ = next(bundle.train.iterate(0))
+    assert x.shape == (4, 3, 96, 96)
+    assert bundle.preprocessing.resize == 110  # 96 * 256/224, the usual eval resize
+
+
+def test_archives_read_like_the_folder(folder, tmp_path):
+    tgz, zpath = tmp_path / "ds.tar.gz", tmp_path / "ds.zip"
+    with tarfile.open(tgz, "w:gz") as archive:
+        archive.add(folder, arcname="top")  # a single top folder is allowed
+    with zipfile.ZipFile(zpath, "w") as archive:
+        for f in sorted(folder.rglob("*.png")):
+            archive.write(f, f.relative_to(folder).as_posix())
+    reference = _batches(build_data(str(folder), img_size=16, batch_size=12).val)
+    for source in (tgz, zpath):
+        bundle = build_data(str(source), img_size=16, batch_size=12)
+        assert bundle.class_names == CLASSES
+        for (xa, ya), (xb, yb) in zip(reference, _batches(bundle.val)):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_broken_files_are_skipped_with_one_warning_or_fail_when_strict(folder):
+    (folder / "train" / "cat" / "empty.png").write_bytes(b"")
+    (folder / "train" / "dog" / "junk.jpg").write_bytes(b"not an image at all")
+    good = io.BytesIO()
+    _image(0, 0).save(good, "JPEG")
+    (folder / "val" / "eel" / "cut.jpg").write_bytes(good.getvalue()[:60])
+    with pytest.warns(UserWarning, match=r"skipped 3 unreadable") as record:
+        bundle = build_data(str(folder), img_size=16, batch_size=4)
+    assert len([w for w in record if "unreadable" in str(w.message)]) == 1
+    assert len(bundle.skipped) == 3 and any("empty.png" in s for s in bundle.skipped)
+    assert (bundle.train.num_samples, bundle.val.num_samples) == (24, 12)
+    with pytest.raises(VitkitError, match="junk.jpg|empty.png"):
+        build_data(str(folder), img_size=16, batch_size=4, strict=True)
+
+
+def test_mixed_sizes_and_streaming_agree(folder):
+    for i, size in enumerate([(1, 1), (40, 20), (20, 50)]):
+        _image(1, 50 + i, size).save(folder / "val" / "dog" / f"odd{i}.png")
+    pre = Preprocessing.for_size((16, 16))
+    memory, _, _ = build_eval_loader(str(folder), preprocessing=pre, batch_size=15, in_memory=True)
+    stream, _, _ = build_eval_loader(str(folder), preprocessing=pre, batch_size=15, in_memory=False)
+    xm, ym = next(memory.iterate(0))
+    xs, ys = next(stream.iterate(0))
+    assert torch.equal(ym, ys) and xm.shape == xs.shape == (15, 3, 16, 16)
+    # Two resampling paths (PIL once vs. cover-crop then tensor resize): close, not bit-equal.
+    assert (xm - xs).abs().mean() < 0.05
+    train = build_data(str(folder), img_size=16, batch_size=4, in_memory=False, augment="randaugment").train
+    first, again = _batches(train, 0), _batches(train, 0, start=2)
+    assert first[0][0].shape == (4, 3, 16, 16)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first[2:], again))
+
+
+def test_embedded_sample_is_small_balanced_and_readable():
+    assert SAMPLE_FILE.stat().st_size <= 8 * 1024**2
+    bundle = build_data(None, img_size=32, batch_size=100, max_train=1000)
+    assert bundle.class_names[:3] == ["airplane", "automobile", "bird"] and len(bundle.class_names) == 10
+    assert bundle.val.num_samples == 1000 and bundle.train.num_samples == 1000 and bundle.skipped == []
+    assert torch.bincount(bundle.val.labels).tolist() == [100] * 10
+    x, _ = next(bundle.val.iterate(0))
+    assert x.shape == (100, 3, 32, 32) and x.std() > 0.2  # real photographs, not blank images
+
+
+def _write_cifar(root: Path, payload=None) -> None:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+    for i, name in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
+        batch = payload if payload is not None and name == "test_batch" else {
+            "data": rng.integers(0, 255, (4, 3072), dtype=np.uint8), "labels": [i, 1, 2, 3]}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+
+
+def test_cifar_official_files_and_refusing_code_in_them(tmp_path):
+    _write_cifar(tmp_path / "ok")
+    bundle = build_data(f"cifar10:{tmp_path / 'ok'}", img_size=32, batch_size=4, augment="none")
+    assert bundle.class_names[0] == "c0" and bundle.train.num_samples == 20 and bundle.val.num_samples == 4
+    _write_cifar(tmp_path / "evil", payload={"data": print, "labels": []})  # a pickled callable
+    with pytest.raises(VitkitError, match="refused global"):
+        build_data(f"cifar10:{tmp_path / 'evil'}", img_size=32, batch_size=4)
+    with pytest.raises(VitkitError, match="official python version"):
+        build_data(f"cifar10:{tmp_path}", img_size=32, batch_size=4)
+
+
+def test_bad_sources_and_arguments_name_the_problem(folder, tmp_path):
+    with pytest.raises(VitkitError, match="no such dataset"):
+        build_data(str(tmp_path / "missing"), img_size=16, batch_size=4)
+    (tmp_path / "flat").mkdir()
+    with pytest.raises(VitkitError, match="train/ and val/"):
+        build_data(str(tmp_path / "flat"), img_size=16, batch_size=4)
+    (tmp_path / "bad.zip").write_bytes(b"PK nope")
+    with pytest.raises(VitkitError, match="not a readable archive"):
+        build_data(str(tmp_path / "bad.zip"), img_size=16, batch_size=4)
+    with pytest.raises(VitkitError, match="--augment"):
+        build_data(str(folder), img_size=16, batch_size=4, augment="autoaugment")
+    with pytest.raises(VitkitError, match="fewer than one global batch"):
+        build_data(str(folder), img_size=16, batch_size=20, world_size=2)
+    (folder / "val" / "fox").mkdir()
+    _image(0, 0).save(folder / "val" / "fox" / "a.png")
+    with pytest.raises(VitkitError, match="fox"):
+        build_data(str(folder), img_size=16, batch_size=4)
