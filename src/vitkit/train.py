@@ -1,0 +1,752 @@
+"""`vitkit train`: the training loop, short enough to read in a sitting.
+
+    config -> run directory -> data -> model -> optimiser -> (resume) -> epochs of steps -> summary
+
+One process per device; under torchrun the processes form a DistributedDataParallel (or, with
+--fsdp, a fully_shard) group. `batch_size` is the global batch of one forward pass across all
+processes; an optimiser step sees batch_size * grad_accum images. Every random choice (data
+order, augmentation, mixup, dropout) is keyed by the seed and the step, so a resumed run
+retraces the uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .checkpoint import CheckpointSaveError, load_train_state, recover, save_checkpoint
+from .errors import CheckpointError, VitkitError
+from .mixup import mix_batch
+from .model import VisionTransformer
+from .optim import build_optimizer, lr_at, set_lr
+from .recipes import get_recipe
+
+RUN_CONFIG = "config.json"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+PRECISIONS = ("bf16", "fp16", "fp32")
+# Fields a resumed run may change: where and how fast it runs, not what it computes.
+_RESUMABLE_CHANGES = {"resume", "device", "workers", "out", "compile", "checkpoint_every", "progress", "epochs"}
+
+
+class TrainingDiverged(VitkitError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on. None means "the recipe's value" (see recipes.py);
+    the resolved config, with every value filled in, is saved as RUN/config.json."""
+
+    model: str | None = None  # any name create_model accepts; default: the recipe's small-image ViT
+    model_overrides: dict[str, Any] | None = None  # ViTConfig fields applied to `model`
+    init: str | None = None  # start from any load_pretrained source (new head, resampled pos-embed)
+    patch_size: int | None = None
+    img_size: int | None = None  # pixels; default: the model's (or the --init checkpoint's)
+    epochs: int | None = None
+    batch_size: int | None = None  # global images per forward pass, across all processes
+    lr: float | None = None  # peak LR after warmup
+    min_lr: float | None = None  # LR at the end of the cosine
+    weight_decay: float | None = None
+    warmup_epochs: float | None = None
+    data: str | None = None  # folder, archive or cifar10 (see vitkit.data); None: the embedded sample
+    max_train: int | None = None  # keep a random subset of this many training images
+    out: str | None = None  # run directory; default runs/<timestamp>-<model>
+    recipe: str | None = None  # default: "finetune" with --init, else "cifar"
+    resume: str | None = None  # run directory to continue
+    seed: int | None = None
+    device: str | None = None  # default: cuda:<local rank> if available, else cpu
+    precision: str | None = None  # bf16 | fp16 | fp32; default bf16 on GPUs that have it, else fp32
+    compile: bool = False
+    grad_accum: int | None = None
+    workers: int = 0
+    label_smoothing: float | None = None
+    augment: str | None = None  # none | randaugment | trivialaugment; None: crop + flip only
+    mixup: float | None = None  # Beta(alpha, alpha) for mixup; 0 disables
+    cutmix: float | None = None
+    random_erasing: float | None = None
+    drop_path: float | None = None
+    clip_grad: float | None = None  # max global gradient norm; None disables
+    ema: float | None = None  # EMA decay per step (e.g. 0.999); None disables
+    layer_decay: float | None = None
+    distill_from: str | None = None  # teacher: any load_pretrained source (DeiT)
+    distill_type: str | None = None  # hard | soft
+    distill_alpha: float | None = None
+    distill_tau: float | None = None
+    checkpoint_every: int | None = None  # optimiser steps between RUN/last saves (also every epoch)
+    strict: bool | None = None  # fail on the first unreadable image instead of skipping it
+    fsdp: bool | None = None
+    grad_checkpointing: bool | None = None
+    progress: bool = True  # tqdm bars on the terminal
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "train config") -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise VitkitError(f"{source}: unknown training config keys {unknown}")
+        return cls(**data)
+
+
+# Values for fields neither the user nor the recipe set.
+_FALLBACK = dict(seed=0, grad_accum=1, min_lr=0.0, label_smoothing=0.0, mixup=0.0, cutmix=0.0, random_erasing=0.0,
+                 drop_path=0.0, distill_type="hard", distill_alpha=0.5, distill_tau=1.0, strict=False, fsdp=False,
+                 grad_checkpointing=False, augment=None)
+
+
+def resolve_config(config: TrainConfig) -> TrainConfig:
+    """Fill every unset field from the recipe, then from fallbacks; check the values."""
+    recipe = get_recipe(config.recipe or ("finetune" if config.init else "cifar"))
+    values = config.to_dict()
+    values["recipe"] = recipe.name
+    for key, value in recipe.values.items():
+        if key == "model" and (config.init or config.model):
+            continue  # the recipe's default model applies only when nothing names a model
+        if values.get(key) is None:
+            values[key] = value
+            if key == "model" and recipe.values.get("model_overrides"):
+                values["model_overrides"] = recipe.values["model_overrides"]
+    for key, value in _FALLBACK.items():
+        if values.get(key) is None:
+            values[key] = value
+    resolved = TrainConfig(**values)
+    if resolved.precision is not None and resolved.precision not in PRECISIONS:
+        raise VitkitError(f"--precision {resolved.precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if resolved.distill_type not in ("hard", "soft"):
+        raise VitkitError(f"--distill-type {resolved.distill_type!r}: expected hard or soft")
+    for name in ("epochs", "batch_size", "grad_accum"):
+        if getattr(resolved, name) is None or getattr(resolved, name) < 1:
+            raise VitkitError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(resolved, name)})")
+    if resolved.lr is None or resolved.lr <= 0:
+        raise VitkitError(f"--lr must be positive (got {resolved.lr})")
+    if resolved.layer_decay is not None and not 0 < resolved.layer_decay <= 1:
+        raise VitkitError(f"--layer-decay must lie in (0, 1] (got {resolved.layer_decay})")
+    if resolved.ema is not None and not 0 < resolved.ema < 1:
+        raise VitkitError(f"--ema must lie in (0, 1), e.g. 0.999 (got {resolved.ema})")
+    if resolved.ema is not None and resolved.fsdp:
+        raise VitkitError("--ema with --fsdp is not supported: the EMA would need the full weights on every rank")
+    if resolved.checkpoint_every is not None and resolved.checkpoint_every < 1:
+        raise VitkitError(f"--checkpoint-every must be at least 1 step (got {resolved.checkpoint_every})")
+    return resolved
+
+
+# ---------------------------------------------------------------------------- processes and devices
+@dataclass
+class _Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed(device_hint: str | None) -> _Dist:
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK (also across machines with --nnodes)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    import torch.distributed as dist
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and (device_hint is None or device_hint.startswith("cuda"))
+    if not dist.is_initialized():
+        if use_cuda:
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return _Dist(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local)
+
+
+def _device(config: TrainConfig, dist: _Dist) -> torch.device:
+    if config.device:
+        device = torch.device(config.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise VitkitError(f"--device {config.device}: CUDA is not available on this machine")
+        if device.type == "cuda" and dist.world_size > 1:
+            device = torch.device("cuda", dist.local_rank)
+        return device
+    return torch.device("cuda", dist.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _all_mean(values: Tensor, dist: _Dist) -> Tensor:
+    if dist.world_size > 1:
+        import torch.distributed as tdist
+
+        tdist.all_reduce(values)
+        values = values / dist.world_size
+    return values
+
+
+def _all_sum(values: Tensor, dist: _Dist) -> Tensor:
+    if dist.world_size > 1:
+        import torch.distributed as tdist
+
+        tdist.all_reduce(values)
+    return values
+
+
+def _barrier(dist: _Dist) -> None:
+    if dist.world_size > 1:
+        import torch.distributed as tdist
+
+        tdist.barrier()
+
+
+# ---------------------------------------------------------------------------- run directory
+def _prepare_run(config: TrainConfig) -> tuple[TrainConfig, Path, dict[str, Any] | None]:
+    """Resolve the config and the run directory; on --resume, read the saved config and state."""
+    if config.resume:
+        run_dir = Path(config.resume)
+        config_file = run_dir / RUN_CONFIG
+        if not config_file.is_file():
+            raise VitkitError(f"--resume {run_dir}: not a training run directory (no {RUN_CONFIG})")
+        try:
+            saved = TrainConfig.from_dict(json.loads(config_file.read_text()), source=str(config_file))
+        except (json.JSONDecodeError, TypeError) as error:
+            raise VitkitError(f"{config_file}: not a readable training config ({error})") from None
+        for key, value in config.to_dict().items():
+            if key in _RESUMABLE_CHANGES or value is None or value == getattr(saved, key):
+                continue
+            if key == "progress" or (key == "seed" and value == 0 and saved.seed == 0):
+                continue
+            raise VitkitError(f"--resume {run_dir}: the run was trained with {key}={getattr(saved, key)!r}, "
+                              f"not {key}={value!r}; start a new run (--out) to change it")
+        for key in ("epochs", "device", "workers", "compile", "checkpoint_every", "progress"):
+            if getattr(config, key) is not None and key != "compile":
+                setattr(saved, key, getattr(config, key))
+        saved.compile = saved.compile or config.compile
+        saved.resume = str(run_dir)
+        return saved, run_dir, load_train_state(run_dir)
+    resolved = resolve_config(config)
+    if resolved.out:
+        run_dir = Path(resolved.out)
+    else:
+        name = (resolved.model or Path(str(resolved.init)).name or "model").replace("/", "_").replace(":", "_")
+        run_dir = Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"
+    if (run_dir / "last").exists() or (run_dir / RUN_CONFIG).exists():
+        raise VitkitError(f"--out {run_dir}: already holds a training run; continue it with --resume {run_dir} "
+                          "or choose another directory")
+    resolved.out = str(run_dir)
+    return resolved, run_dir, None
+
+
+def _write_json(path: Path, data: Any) -> None:
+    from .weights import atomic_write
+
+    text = json.dumps(data, indent=2)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+class _MetricsLog:
+    """metrics.jsonl: one JSON object a line, {"kind": "step"|"epoch"|"event", ...}."""
+
+    def __init__(self, path: Path, *, keep_until_step: int | None, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+        if enabled and keep_until_step is not None and path.exists():
+            # A resumed run redoes the steps after its checkpoint: drop their records (and a
+            # line a kill cut short), so the log reads as one uninterrupted run.
+            kept = [r for r in read_metrics(path) if r.get("step", 0) <= keep_until_step]
+            _write_lines(path, kept)
+        self.handle = open(path, "a") if enabled else None
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.handle:
+            self.handle.write(json.dumps(record) + "\n")
+            self.handle.flush()
+
+    def close(self) -> None:
+        if self.handle:
+            self.handle.close()
+
+
+def _write_lines(path: Path, records: list[dict[str, Any]]) -> None:
+    from .weights import atomic_write
+
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl, skipping a last line cut short by a crash."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+# ---------------------------------------------------------------------------- model
+def _build_model(config: TrainConfig, *, num_classes: int) -> VisionTransformer:
+    from .pretrained import create_model, load_pretrained, set_img_size
+
+    overrides: dict[str, Any] = dict(config.model_overrides or {})
+    overrides["drop_path_rate"] = config.drop_path
+    if config.distill_from:
+        overrides["distill_token"] = True
+    if config.init:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the replaced head is intended, not news
+            model = load_pretrained(config.init, model=config.model, drop_path_rate=config.drop_path)
+        if model.config.num_classes != num_classes or model.class_names is None:
+            model.reset_classifier(num_classes)
+        if config.img_size:
+            set_img_size(model, config.img_size)
+        return model.train()
+    if config.patch_size:
+        overrides["patch_size"] = config.patch_size
+    if config.img_size:
+        overrides["img_size"] = config.img_size
+    try:
+        return create_model(config.model or "vit_cifar", num_classes=num_classes, **overrides)
+    except ValueError as error:
+        raise VitkitError(f"--model {config.model}: {error}") from None
+
+
+def _init_preprocessing(config: TrainConfig):
+    """With --init, the checkpoint's normalisation carries over (unless the data overrides it)."""
+    if not config.init:
+        return None
+    from .pretrained import read_checkpoint
+
+    try:
+        _, _, extras = read_checkpoint(config.init)
+    except VitkitError:
+        raise
+    return extras.get("preprocessing")
+
+
+class _Distilled(nn.Module):
+    """Lets DDP/FSDP wrap the two-headed forward DeiT trains with."""
+
+    def __init__(self, model: VisionTransformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.model.forward_distilled(x)
+
+
+class _Ema:
+    """Exponential moving average of the weights (Polyak averaging), kept in float32."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        import copy
+
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().float()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        current = model.state_dict()
+        for name, value in self.model.state_dict().items():
+            new = current[name].detach()
+            if value.dtype.is_floating_point:
+                value.lerp_(new.to(value.dtype), 1.0 - self.decay)
+            else:
+                value.copy_(new)
+
+
+# ---------------------------------------------------------------------------- one step
+def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy against soft targets (B, K): label smoothing and mixup in one form."""
+    return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+
+def compute_loss(model: nn.Module, images: Tensor, targets: Tensor, labels: Tensor, *,
+                 teacher: nn.Module | None, config: TrainConfig) -> tuple[Tensor, Tensor]:
+    """The training loss of one batch and the logits that accuracy is measured on."""
+    if teacher is None:
+        logits = model(images)
+        return soft_cross_entropy(logits, targets), logits
+    from .distill import distillation_loss
+
+    cls_logits, dist_logits = model(images)
+    with torch.no_grad():
+        teacher_logits = teacher(images)
+    loss = distillation_loss(cls_logits, dist_logits, teacher_logits, targets, kind=config.distill_type,
+                             tau=config.distill_tau, alpha=config.distill_alpha, base_loss=soft_cross_entropy)
+    return loss, (cls_logits + dist_logits) / 2
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, *, device: torch.device, precision: str, dist: _Dist) -> tuple[float, float]:
+    """(mean loss, accuracy) over the whole validation split, summed across processes."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, correct, count
+    for images, labels in loader.iterate(0):
+        if labels.numel() == 0:
+            continue
+        with _autocast(device, precision):
+            logits = model(images)
+        totals[0] += F.cross_entropy(logits.float(), labels, reduction="sum").double()
+        totals[1] += (logits.argmax(-1) == labels).sum()
+        totals[2] += labels.numel()
+    totals = _all_sum(totals, dist)
+    model.train(was_training)
+    count = max(totals[2].item(), 1.0)
+    return totals[0].item() / count, totals[1].item() / count
+
+
+# ---------------------------------------------------------------------------- the run
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Train a ViT as `config` says; write the run directory; return the summary (also in
+    RUN/summary.json): best and final validation accuracy, wall time, images per second.
+
+    Raises VitkitError (one line) for bad inputs, a diverging loss (TrainingDiverged), running
+    out of GPU memory, or a checkpoint that cannot be saved.
+    """
+    dist = _init_distributed(config.device)
+    try:
+        return _train(config, dist)
+    except torch.OutOfMemoryError:
+        raise VitkitError(f"out of GPU memory at --batch-size {config.batch_size}: use a smaller --batch-size, "
+                          "--grad-accum N to keep the effective batch, or --grad-checkpointing") from None
+    finally:
+        if dist.world_size > 1:
+            import torch.distributed as tdist
+
+            if tdist.is_initialized():
+                tdist.destroy_process_group()
+
+
+def _train(config: TrainConfig, dist: _Dist) -> dict[str, Any]:
+    from .data import build_data
+
+    cfg, run_dir, resume_state = _prepare_run(config)
+    device = _device(cfg, dist)
+    precision = cfg.precision or ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
+    if cfg.batch_size % dist.world_size:
+        raise VitkitError(f"--batch-size {cfg.batch_size} is not divisible by the {dist.world_size} processes")
+    if dist.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        recover(run_dir)
+        _write_json(run_dir / RUN_CONFIG, {**cfg.to_dict(), "precision": precision})
+    torch.manual_seed(cfg.seed)  # the same initial weights on every process
+
+    init_pre = _init_preprocessing(cfg)
+    img_size = cfg.img_size
+    if img_size is None:
+        probe = _build_model(dataclasses.replace(cfg, distill_from=None), num_classes=1)
+        img_size = probe.config.img_size
+    data = build_data(cfg.data, img_size=img_size, batch_size=cfg.batch_size // dist.world_size, device=device,
+                      augment=cfg.augment, random_erasing=cfg.random_erasing, workers=cfg.workers, seed=cfg.seed,
+                      rank=dist.rank, world_size=dist.world_size, strict=cfg.strict, max_train=cfg.max_train,
+                      mean=init_pre.mean if init_pre else None, std=init_pre.std if init_pre else None)
+    num_classes = len(data.class_names)
+    torch.manual_seed(cfg.seed)
+    raw = _build_model(cfg, num_classes=num_classes)
+    raw.class_names = list(data.class_names)
+    raw.preprocessing = data.preprocessing
+
+    if resume_state is not None:
+        _load_resumed_weights(raw, run_dir, cfg)
+    raw.to(device)
+    if cfg.grad_checkpointing:
+        raw.set_grad_checkpointing(True)
+    ema = _Ema(raw, cfg.ema) if cfg.ema else None
+    if ema is not None and resume_state is not None and resume_state.get("ema") is not None:
+        ema.model.load_state_dict(resume_state["ema"])
+
+    module: nn.Module = _Distilled(raw) if cfg.distill_from else raw
+    if dist.world_size > 1 and cfg.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in raw.blocks:
+            fully_shard(block)
+        fully_shard(module)
+        wrapped = module
+    elif dist.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        wrapped = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        wrapped = module
+    optimizer = build_optimizer(raw, lr=cfg.lr, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay,
+                                depth=raw.config.depth)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    teacher = None
+    if cfg.distill_from:
+        from .distill import load_teacher
+
+        teacher = load_teacher(cfg.distill_from, num_classes=num_classes, device=device)
+    train_model = torch.compile(wrapped) if cfg.compile else wrapped
+
+    steps_per_epoch = math.ceil(len(data.train) / cfg.grad_accum)
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    progress = {"epoch": 0, "batch": 0, "step": 0, "best_acc": -1.0, "best_epoch": -1, "skipped_steps": 0,
+                "train_time": 0.0, "images": 0}
+    if resume_state is not None:
+        _restore_optimizer(wrapped, optimizer, resume_state["optimizer"], dist)
+        scaler.load_state_dict(resume_state["scaler"]) if resume_state.get("scaler") else None
+        progress.update(resume_state["progress"])
+        _restore_rng(resume_state["rng"], device)
+
+    log = _MetricsLog(run_dir / METRICS_FILE, keep_until_step=progress["step"] if resume_state else None,
+                      enabled=dist.main)
+    if dist.main:
+        from .info import describe
+
+        print(describe(raw), file=sys.stderr)
+        print(f"training on {data.train.num_samples} images, {num_classes} classes, {dist.world_size} "
+              f"process(es) on {device}, {precision}; {steps_per_epoch} steps/epoch x {cfg.epochs} epochs; "
+              f"run directory {run_dir}", file=sys.stderr)
+
+    def checkpoint(tag: str, *, epoch: int, batch: int) -> None:
+        """Write RUN/last (with the training state) or RUN/best; every process takes part."""
+        full_model = _gathered_model(raw, wrapped, dist)
+        optim_state = _optimizer_state(wrapped, optimizer, dist) if tag == "last" else None
+        if dist.main:
+            if tag == "best" and ema is not None:
+                full_model = ema.model
+            state = None
+            if tag == "last":
+                state = {"optimizer": optim_state, "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                         "ema": ema.model.state_dict() if ema else None, "rng": _rng_state(device),
+                         "progress": {**progress, "epoch": epoch, "batch": batch}}
+            save_checkpoint(run_dir, tag=tag, model=full_model, train_state=state)
+        _barrier(dist)
+
+    start_time = time.perf_counter()
+    epoch_start, batch_start = progress["epoch"], progress["batch"]
+    step = progress["step"]
+    try:
+        for epoch in range(epoch_start, cfg.epochs):
+            train_model.train()
+            num_batches = len(data.train)
+            bar = _bar(total=num_batches, initial=batch_start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                       enabled=dist.main and cfg.progress)
+            sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss, correct, count (this epoch)
+            group_loss, tick = 0.0, time.perf_counter()
+            for batch, (images, labels) in enumerate(data.train.iterate(epoch, start_batch=batch_start),
+                                                     start=batch_start):
+                group_start = (batch // cfg.grad_accum) * cfg.grad_accum
+                group_size = min(cfg.grad_accum, num_batches - group_start)
+                last_in_group = batch == group_start + group_size - 1
+                if batch == group_start:
+                    lr = lr_at(step, base_lr=cfg.lr, warmup_steps=warmup_steps, total_steps=total_steps,
+                               min_lr=cfg.min_lr)
+                    set_lr(optimizer, lr)
+                images, targets = mix_batch(images, labels, num_classes=num_classes, mixup_alpha=cfg.mixup,
+                                            cutmix_alpha=cfg.cutmix, smoothing=cfg.label_smoothing,
+                                            seed=cfg.seed, step=epoch * num_batches + batch, rank=dist.rank)
+                sync = contextlib.nullcontext()
+                if not last_in_group and hasattr(wrapped, "no_sync"):
+                    sync = wrapped.no_sync()  # DDP: all-reduce gradients once per optimiser step
+                with sync:
+                    with _autocast(device, precision):
+                        loss, logits = compute_loss(train_model, images, targets, labels, teacher=teacher, config=cfg)
+                    scaler.scale(loss / group_size).backward()
+                stats = torch.stack([loss.detach().double(), (logits.argmax(-1) == labels).sum().double(),
+                                     torch.tensor(labels.numel(), dtype=torch.float64, device=device)])
+                stats[0] = _all_mean(stats[0:1].clone(), dist)[0]
+                stats[1:] = _all_sum(stats[1:].clone(), dist)
+                loss_value = stats[0].item()
+                if not math.isfinite(loss_value):
+                    raise TrainingDiverged(_diverged_message(loss_value, step, epoch, batch, run_dir, precision))
+                sums += torch.stack([stats[0] * stats[2], stats[1], stats[2]])
+                group_loss += loss_value / group_size
+                if not last_in_group:
+                    continue
+                if cfg.clip_grad:
+                    scaler.unscale_(optimizer)
+                    _clip_gradients(wrapped, cfg.clip_grad)
+                scale_before = scaler.get_scale() if scaler.is_enabled() else None
+                scaler.step(optimizer)
+                scaler.update()
+                skipped = scale_before is not None and scaler.get_scale() < scale_before
+                progress["skipped_steps"] += int(skipped)
+                optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.update(raw)
+                step += 1
+                now = time.perf_counter()
+                seen = int(stats[2].item()) * group_size
+                progress["images"] += seen
+                progress["train_time"] += now - tick
+                img_s = seen / max(now - tick, 1e-9)
+                tick = now
+                acc = (sums[1] / sums[2].clamp(min=1)).item()
+                log.write({"kind": "step", "step": step, "epoch": epoch, "batch": batch + 1, "loss": group_loss,
+                           "train_acc": acc, "lr": lr, "img_s": img_s, "skipped_steps": progress["skipped_steps"]})
+                group_loss = 0.0
+                bar.update(group_size)
+                bar.set_postfix_str(f"loss {loss_value:.3f} acc {acc:.3f} {img_s:.0f} img/s"
+                                    + (f" skipped {progress['skipped_steps']}" if progress["skipped_steps"] else ""))
+                progress["step"] = step
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and batch + 1 < num_batches:
+                    checkpoint("last", epoch=epoch, batch=batch + 1)
+            bar.close()
+            batch_start = 0
+            eval_model = ema.model if ema is not None else wrapped
+            val_loss, val_acc = evaluate(eval_model, data.val, device=device, precision=precision, dist=dist)
+            train_loss = (sums[0] / sums[2].clamp(min=1)).item()
+            train_acc = (sums[1] / sums[2].clamp(min=1)).item()
+            record = {"kind": "epoch", "step": step, "epoch": epoch + 1, "train_loss": train_loss,
+                      "train_acc": train_acc, "val_loss": val_loss, "val_acc": val_acc, "lr": lr,
+                      "elapsed_s": progress["train_time"], "skipped_steps": progress["skipped_steps"]}
+            log.write(record)
+            improved = val_acc > progress["best_acc"]
+            if improved:
+                progress["best_acc"], progress["best_epoch"] = val_acc, epoch + 1
+            if dist.main:
+                print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f} acc {train_acc:.4f}, "
+                      f"val loss {val_loss:.4f} acc {val_acc:.4f}" + (" (best)" if improved else ""), file=sys.stderr)
+            if improved:
+                checkpoint("best", epoch=epoch + 1, batch=0)
+            checkpoint("last", epoch=epoch + 1, batch=0)
+            if dist.main:
+                _plot(run_dir)
+    except TrainingDiverged:
+        log.write({"kind": "event", "step": step, "event": "diverged"})
+        raise
+    finally:
+        log.close()
+
+    wall = time.perf_counter() - start_time
+    summary = {
+        "run_dir": str(run_dir), "model": cfg.model or cfg.init, "epochs": cfg.epochs, "steps": step,
+        "best_val_acc": progress["best_acc"], "best_epoch": progress["best_epoch"],
+        "final_val_acc": _last_epoch_value(run_dir, "val_acc") if dist.main else None,
+        "wall_time_s": wall, "train_time_s": progress["train_time"],
+        "images_per_s": progress["images"] / max(progress["train_time"], 1e-9),
+        "skipped_steps": progress["skipped_steps"], "device": str(device), "precision": precision,
+        "world_size": dist.world_size, "train_images": data.train.num_samples, "num_classes": num_classes,
+    }
+    if dist.main:
+        _write_json(run_dir / SUMMARY_FILE, summary)
+        print(f"best val acc {summary['best_val_acc']:.4f} (epoch {summary['best_epoch']}); "
+              f"{wall:.0f} s, {summary['images_per_s']:.0f} img/s; run directory {run_dir}", file=sys.stderr)
+    return summary
+
+
+# ---------------------------------------------------------------------------- helpers of the loop
+def _bar(*, total: int, initial: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True,
+                file=sys.stderr, leave=False)
+
+
+def _clip_gradients(model: nn.Module, max_norm: float) -> None:
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+
+def _diverged_message(value: float, step: int, epoch: int, batch: int, run_dir: Path, precision: str) -> str:
+    kept = f"the last good checkpoint {run_dir / 'last'} is kept" if (run_dir / "last").exists() \
+        else "no checkpoint had been written yet"
+    remedy = "a lower --lr, --clip-grad 1.0"
+    remedy += ", or --precision bf16 instead of fp16" if precision == "fp16" else ", or a longer --warmup-epochs"
+    return (f"the loss became {value} at step {step + 1} (epoch {epoch + 1}, batch {batch + 1}); {kept}; "
+            f"try {remedy}")
+
+
+def _last_epoch_value(run_dir: Path, key: str) -> float | None:
+    epochs = [r for r in read_metrics(run_dir / METRICS_FILE) if r.get("kind") == "epoch"]
+    return epochs[-1][key] if epochs else None
+
+
+def _plot(run_dir: Path) -> None:
+    from .plots import plot_run
+
+    try:
+        plot_run(run_dir)
+    except ImportError as error:
+        print(f"vitkit train: no plots ({error})", file=sys.stderr)
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _restore_rng(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _load_resumed_weights(model: VisionTransformer, run_dir: Path, cfg: TrainConfig) -> None:
+    from .pretrained import WEIGHTS_FILE, load_state
+    from .weights import read_state_dict
+
+    path = run_dir / "last" / WEIGHTS_FILE
+    try:
+        load_state(model, read_state_dict(path), source=str(path))
+    except CheckpointError as error:
+        raise VitkitError(f"--resume {run_dir}: its checkpoint does not fit the model "
+                          f"{cfg.model or cfg.init!r} ({error})") from None
+
+
+def _state_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _gathered_model(raw: VisionTransformer, wrapped: nn.Module, dist: _Dist) -> VisionTransformer:
+    """A plain model holding full weights, for saving: under FSDP the shards are gathered."""
+    if dist.world_size == 1 or isinstance(wrapped, nn.parallel.DistributedDataParallel):
+        return raw
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    full = get_model_state_dict(wrapped, options=_state_options())
+    if not dist.main:
+        return raw
+    copy = VisionTransformer(raw.config)
+    copy.load_state_dict({k.removeprefix("model."): v for k, v in full.items()})
+    copy.class_names, copy.preprocessing = raw.class_names, raw.preprocessing
+    return copy
+
+
+def _optimizer_state(wrapped: nn.Module, optimizer: torch.optim.Optimizer, dist: _Dist) -> dict[str, Any]:
+    """The optimiser's state keyed by parameter name, gathered whole, so any process count resumes it."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    module = wrapped.module if isinstance(wrapped, nn.parallel.DistributedDataParallel) else wrapped
+    return get_optimizer_state_dict(module, optimizer, options=_state_options())
+
+
+def _restore_optimizer(wrapped: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+                       dist: _Dist) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    module = wrapped.module if isinstance(wrapped, nn.parallel.DistributedDataParallel) else wrapped
+    set_optimizer_state_dict(module, optimizer, optim_state_dict=state,
+                             options=StateDictOptions(full_state_dict=True))
+
+
+__all__ = ["TrainConfig", "train", "resolve_config", "evaluate", "compute_loss", "soft_cross_entropy",
+           "read_metrics", "TrainingDiverged"]
