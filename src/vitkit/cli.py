@@ -55,8 +55,260 @@ def _run_info(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------------------- eval
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="top-1/top-5 and per-class accuracy of a model on a dataset",
+                       description="Evaluate a model with its stored preprocessing: top-1, top-5, per-class accuracy, "
+                                   "and a confusion-matrix PNG in --out.")
+    p.add_argument("source", help="a run directory (RUN/best is used), a checkpoint, or any load_pretrained source")
+    p.add_argument("--data", help="ImageFolder folder or .tar/.tar.gz/.zip, cifar10[:ROOT], cifar100[:ROOT] "
+                                  "(default: the built-in CIFAR-10 sample)")
+    p.add_argument("--split", default="val", choices=("val", "test", "train"), help="val falls back to test")
+    p.add_argument("--model", help="variant name, for weight files that cannot say the whole architecture")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
+    p.add_argument("--workers", type=int, default=0, help="decoding threads/processes (default: all cores)")
+    p.add_argument("--out", help="folder for metrics.json and confusion.png")
+    p.add_argument("--strict", action="store_true", help="fail on the first unreadable image instead of skipping it")
+    p.add_argument("--json", action="store_true", help="print one JSON object (top1, top5, n, ...) as the last line")
+    p.set_defaults(run=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .infer import evaluate_source
+
+    model = _model_from(args.source, model_name=args.model)
+    result = evaluate_source(model, source=args.source, data=args.data, batch_size=args.batch_size,
+                             device=args.device, split=args.split, out=args.out, strict=args.strict,
+                             workers=args.workers)
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "confusion"}))
+        return EXIT_OK
+    print(f"top-1 {result['top1']:.2%}  top-5 {result['top5']:.2%}  on {result['n']} images"
+          + (f" ({len(result['skipped'])} unreadable, skipped)" if result["skipped"] else ""))
+    for name, accuracy in result["per_class"].items():
+        print(f"  {name:<24}{'-' if accuracy is None else f'{accuracy:.2%}':>8}")
+    if "confusion_png" in result:
+        print(f"confusion matrix: {result['confusion_png']}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------- predict
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="class probabilities for image files, folders or globs",
+                       description="Classify images with the model's stored preprocessing. Exit 1 when any input "
+                                   "could not be read (the others are still classified).")
+    p.add_argument("source", help="a run directory, a checkpoint, or any load_pretrained source")
+    p.add_argument("images", nargs="+", help="image files, folders (recursive) or glob patterns")
+    p.add_argument("--model", help="variant name, for weight files that cannot say the whole architecture")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
+    p.add_argument("--json", action="store_true", help="one JSON object per input line")
+    p.set_defaults(run=_run_predict)
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    import json
+
+    from .images import list_images
+    from .infer import predict
+
+    paths = list_images(args.images)
+    if not paths:
+        raise VitkitError(f"no images found in {' '.join(args.images)}")
+    model = _model_from(args.source, model_name=args.model)
+    results = predict(model, paths, top_k=args.top_k, device=args.device)
+    for result in results:
+        if args.json:
+            print(json.dumps(result), flush=True)
+        elif "error" in result:
+            print(f"{result['path']}: error: {result['error']}")
+        else:
+            print(f"{result['path']}: " + ", ".join(f"{p['label']} {p['prob']:.3f}" for p in result["predictions"]))
+    return EXIT_PARTIAL if any("error" in r for r in results) else EXIT_OK
+
+
+# ---------------------------------------------------------------------------- bench
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks: throughput against timm and HF, ...",
+                       description="Benchmarks. Each kind of benchmark is a subcommand of its own.")
+    kinds = p.add_subparsers(dest="bench", required=True, metavar="BENCHMARK", parser_class=_Parser)
+    for add in _BENCH_COMMANDS:
+        add(kinds)
+
+
+def _add_bench_throughput(kinds: argparse._SubParsersAction) -> None:
+    p = kinds.add_parser("throughput", help="images/s, MFU and peak memory of vitkit vs timm and HF",
+                         description="Inference and training-step throughput of vitkit and its peers (timm, HF "
+                                     "transformers) in one process on one device, with MFU and peak memory.")
+    p.add_argument("--model", default="ViT-B/16", help="variant name (default ViT-B/16)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16")
+    p.add_argument("--compile", action="store_true", help="torch.compile every model (the same mode for all)")
+    p.add_argument("--compile-mode", default="default",
+                   choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
+    p.add_argument("--peers", default="timm,hf", help="comma list of timm, hf; '' for vitkit alone")
+    p.add_argument("--img-size", type=int, help="image side in pixels (default: the model's)")
+    p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
+    p.add_argument("--repeats", type=int, default=5, help="repeats; the median is reported")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--modes", default="infer,train", help="comma list of infer, train")
+    p.add_argument("--sdpa", default="auto", help="vitkit's attention kernel: auto, default, cudnn, flash, efficient, math")
+    p.add_argument("--grad-checkpointing", action="store_true", help="for every model's training step")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    p.set_defaults(run=_run_bench_throughput)
+
+
+def _run_bench_throughput(args: argparse.Namespace) -> int:
+    import json
+
+    from .bench import benchmark_throughput, format_table
+
+    rows = benchmark_throughput(
+        model=args.model, batch_size=args.batch_size, precision=args.precision, compile=args.compile,
+        compile_mode=args.compile_mode, peers=[p for p in args.peers.split(",") if p], img_size=args.img_size,
+        device=args.device, steps=args.steps, repeats=args.repeats, warmup=args.warmup,
+        modes=[m for m in args.modes.split(",") if m], sdpa_backend=args.sdpa,
+        grad_checkpointing=args.grad_checkpointing)
+    print(json.dumps(rows, indent=1) if args.json else format_table(rows))
+    return EXIT_OK
+
+
+# `vitkit bench KIND`: append an `_add_bench_<kind>(kinds)` here to add a benchmark.
+_BENCH_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_bench_throughput]
+
+
+# ---------------------------------------------------------------------------- export
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export to ONNX, TorchScript or a torch.export program",
+                       description="Export a model with dynamic batch and image size (position embeddings resample "
+                                   "inside the graph), checked against PyTorch's logits at two resolutions.")
+    p.add_argument("source", help="a variant name or any load_pretrained source")
+    p.add_argument("--model", help="variant name, for weight files that cannot say the whole architecture")
+    p.add_argument("--format", required=True, choices=("onnx", "torchscript", "exported-program"))
+    p.add_argument("--out", required=True, help="the file to write (.onnx, .pt, .pt2)")
+    p.add_argument("--img-size", type=int, help="the example image side used for tracing (default: the model's)")
+    p.set_defaults(run=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from .export import export_model
+
+    model = _model_from(args.source, model_name=args.model)
+    report = export_model(model, format=args.format, out=args.out, img_size=args.img_size)
+    print(report)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------- explain
+def _add_explain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("explain", help="the paper's figures and an illustrated walkthrough, as PNGs and one HTML report",
+                       description="Run a model on images and write the paper's analysis figures (patches, "
+                                   "embedding filters, position similarity, attention distance, class attention, "
+                                   "rollout, predictions) as PNGs plus a self-contained report.html.")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders or glob patterns")
+    p.add_argument("--model", required=True, metavar="SOURCE",
+                   help="a run directory, checkpoint, any load_pretrained source, or a variant name (random weights)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the PNGs and report.html")
+    p.add_argument("--rollout-fusion", choices=("mean", "max", "min"), default="mean",
+                   help="how attention rollout merges heads (default mean)")
+    p.add_argument("--discard-ratio", type=float, default=0.0,
+                   help="fraction of each row's weakest attention dropped before rollout (default 0)")
+    p.add_argument("--top-k", type=int, default=5, help="predictions shown per image (default 5)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (default cpu)")
+    p.set_defaults(run=_run_explain)
+
+
+def _run_explain(args: argparse.Namespace) -> int:
+    from .explain import explain
+
+    model = _model_from(args.model)
+    result = explain(images=args.images, model=model, out_dir=args.out, fusion=args.rollout_fusion,
+                     discard_ratio=args.discard_ratio, top_k=args.top_k, device=args.device, source=args.model)
+    print(f"wrote {len(result.figures)} figures and {result.report}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------- train
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="train or fine-tune a ViT; resume a run",
+        description="Train a ViT on a folder or archive of images (DIR/train/<class>/*.jpg, DIR/val/...), or with no "
+                    "--data on the embedded CIFAR-10 sample. Writes a run directory (config.json, metrics.jsonl, "
+                    "plots, best/ and last/ checkpoints, summary.json). Unset options come from the recipe. "
+                    "Several GPUs: torchrun --nproc-per-node N -m vitkit train ...",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", help="variant name (ViT-B/16, vit_base_patch16_224, base, vit_cifar, ...); "
+                                   "default: the recipe's small-image ViT")
+    g.add_argument("--init", help="start from weights: any load_pretrained source (run dir, vitkit dir, timm file, "
+                                  "hf-hub:ORG/NAME); the head is replaced for the data's classes")
+    g.add_argument("--patch-size", type=int, help="patch size in pixels (fresh models only)")
+    g.add_argument("--img-size", type=int, help="input size in pixels; default: the model's")
+    g.add_argument("--data", help="image folder or archive with train/ and val/ (or test/) splits; "
+                                  "default: the embedded CIFAR-10 sample")
+    g.add_argument("--max-train", type=int, help="train on a random subset of this many images")
+    g.add_argument("--workers", type=int, default=0, help="image decoding processes for data streamed from disk")
+    g.add_argument("--strict", action="store_true", default=None,
+                   help="stop at the first unreadable image instead of skipping it")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", help="run directory (default runs/<timestamp>-<model>)")
+    g.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly where it stopped")
+    g.add_argument("--recipe", help="named recipe: cifar (default), finetune (default with --init), deit")
+    g.add_argument("--epochs", "--num_epochs", dest="epochs", type=int, help="epochs to train")
+    g.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int,
+                   help="global images per forward pass, across all processes")
+    g.add_argument("--grad-accum", type=int, help="forward passes per optimiser step (effective batch = "
+                                                  "batch size x grad accum)")
+    g.add_argument("--seed", type=int, help="seed of every random choice (default 0)")
+    g.add_argument("--device", help="cpu, cuda, cuda:1; default: a GPU if there is one")
+    g.add_argument("--precision", choices=("bf16", "fp16", "fp32"),
+                   help="bf16 autocast (default on GPUs that have it), fp16 with loss scaling, or fp32")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--checkpoint-every", type=int, metavar="STEPS",
+                   help="also save RUN/last every STEPS optimiser steps (it is always saved each epoch)")
+    g.add_argument("--fsdp", action="store_true", default=None, help="shard weights and optimiser state across "
+                                                                     "processes (FSDP2) instead of replicating them")
+    g.add_argument("--grad-checkpointing", action="store_true", default=None,
+                   help="recompute activations in the backward pass: less memory, ~30%% more time")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    g = p.add_argument_group("recipe knobs (default: the recipe's value)")
+    g.add_argument("--lr", type=float, help="peak learning rate after warmup (AdamW)")
+    g.add_argument("--min-lr", type=float, help="learning rate at the end of the cosine decay")
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay (not on norms, biases, tokens, pos-embed)")
+    g.add_argument("--warmup-epochs", type=float, help="epochs of linear LR warmup")
+    g.add_argument("--label-smoothing", type=float, help="label smoothing epsilon, e.g. 0.1")
+    g.add_argument("--augment", choices=("none", "randaugment", "trivialaugment"),
+                   help="augmentation on top of random crop + flip; none turns off crop and flip too")
+    g.add_argument("--mixup", type=float, help="mixup alpha (0 off), e.g. 0.8")
+    g.add_argument("--cutmix", type=float, help="cutmix alpha (0 off), e.g. 1.0")
+    g.add_argument("--random-erasing", type=float, help="random erasing probability per image, e.g. 0.25")
+    g.add_argument("--drop-path", type=float, help="stochastic depth rate of the last block, e.g. 0.1")
+    g.add_argument("--clip-grad", type=float, help="clip the global gradient norm to this value")
+    g.add_argument("--ema", type=float, metavar="DECAY", help="keep an EMA of the weights with this decay per step "
+                                                              "(e.g. 0.999); best/ then holds the EMA weights")
+    g.add_argument("--layer-decay", type=float, help="layer-wise LR decay for fine-tuning, e.g. 0.75")
+    g.add_argument("--distill-from", metavar="TEACHER",
+                   help="DeiT distillation from this teacher (load_pretrained source or torchvision:NAME)")
+    g.add_argument("--distill-type", choices=("hard", "soft"), help="DeiT's hard-label or soft (KL) distillation")
+    del a
+    p.set_defaults(run=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, train
+
+    fields = {f for f in TrainConfig.__dataclass_fields__}
+    train(TrainConfig(**{k: v for k, v in vars(args).items() if k in fields}))
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------------------- main
-_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_info]
+_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_info, _add_train, _add_bench, _add_export, _add_explain, _add_eval, _add_predict]
 
 
 def build_parser() -> argparse.ArgumentParser:

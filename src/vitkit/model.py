@@ -34,7 +34,9 @@ def resample_pos_embed(pos_embed: Tensor, *, old_grid: tuple[int, int], new_grid
     pos_embed: (1, num_prefix + old_H * old_W, D). Returns (1, num_prefix + new_H * new_W, D).
     Interpolation runs in float32 whatever the input's dtype, so bf16 models resample accurately.
     """
-    if tuple(old_grid) == tuple(new_grid):
+    # Exported and traced graphs always resample (the identity at equal grids): otherwise the
+    # comparison would pin the graph to the example input's resolution.
+    if not (torch.compiler.is_exporting() or torch.jit.is_tracing()) and tuple(old_grid) == tuple(new_grid):
         return pos_embed
     prefix, grid = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
     if grid.shape[1] != old_grid[0] * old_grid[1]:

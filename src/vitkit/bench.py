@@ -1,0 +1,303 @@
+"""Throughput benchmark: vitkit against timm and HF transformers, same process, same device.
+
+Every implementation is measured under one policy, so the ratios compare models, not setups:
+  inference: eval mode, weights cast to the precision (bf16/fp16/fp32), no autocast, no grad;
+  training:  float32 weights under `torch.autocast(precision)`, cross-entropy on random labels,
+             backward, one AdamW step (the same `fast.make_adamw` for everyone);
+  compile:   the same `torch.compile` mode for everyone, or eager for everyone.
+vitkit's own speed levers (the attention kernel, `fast.py`) are applied to vitkit only: they are
+what this benchmark measures; a row's `levers` field names them.
+
+Timing: random inputs, warm-up steps excluded, CUDA events on a GPU (perf_counter on the CPU),
+`steps` steps per repeat, the median of `repeats` repeats. MFU = achieved model FLOP/s over the
+device's measured dense bf16 matmul rate (`measure_matmul_tflops`), with model FLOPs from
+`vitkit.model.count_flops` (forward; a training step counts 3x forward).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ViTConfig
+from .errors import VitkitError
+
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PEERS = ("timm", "hf")
+MODES = ("infer", "train")
+FIELDS = ("impl", "mode", "model", "batch_size", "img_size", "precision", "compile", "device",
+          "img_per_s", "step_ms", "mfu", "peak_mem_gb", "levers", "ratios")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step: Callable[[], object], *, device: torch.device, steps: int, repeats: int,
+               warmup: int) -> list[float]:
+    """Seconds per step for each of `repeats` runs of `steps` calls of `step`, after `warmup`
+    calls that are not timed. CUDA events time the device's work; on the CPU, perf_counter."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(steps):
+                step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3 / steps)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            times.append((time.perf_counter() - t0) / steps)
+    return times
+
+
+def measure_matmul_tflops(*, device: torch.device | str, size: int | None = None, repeats: int = 5) -> float:
+    """The device's dense bf16 matmul rate in TFLOP/s: an (n x n) @ (n x n) product on random
+    data (zeros run faster than real data), median of `repeats`. n defaults to 8192 on a GPU,
+    512 on the CPU."""
+    device = torch.device(device)
+    n = size or (8192 if device.type == "cuda" else 512)
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    steps = 10 if device.type == "cuda" else 2
+    seconds = statistics.median(time_steps(lambda: a @ b, device=device, steps=steps, repeats=repeats, warmup=2))
+    return 2 * n ** 3 / seconds / 1e12
+
+
+# ---------------------------------------------------------------------------- the peers
+def timm_name(config: ViTConfig) -> str:
+    """timm's registered name for this architecture, or the base model's name when the
+    architecture is not a standard one (the keyword overrides then make it this one)."""
+    from .variants import SIZES
+
+    for size in SIZES:
+        if (config.embed_dim, config.depth, config.num_heads, config.mlp_dim) == (
+                size.embed_dim, size.depth, size.num_heads, size.mlp_dim) and config.patch_size[0] == config.patch_size[1]:
+            # timm registers each at 224 px (some also at 384); `img_size=` builds the others.
+            return f"vit_{size.name}_patch{config.patch_size[0]}_224"
+    return "vit_base_patch16_224"
+
+
+def _check_plain(config: ViTConfig, peer: str) -> None:
+    plain = (config.class_token and config.global_pool == "token" and not config.reg_tokens
+             and not config.distill_token and not config.hybrid_stem and config.init_values is None
+             and not config.qk_norm and config.representation_size is None and config.prefix_pos_embed)
+    if not plain:
+        raise VitkitError(f"--peers {peer}: only the paper's plain ViT has a {peer} twin to compare with")
+
+
+def build_timm(config: ViTConfig) -> nn.Module:
+    """The same architecture from `timm.create_model`, randomly initialised (no download)."""
+    import timm
+
+    _check_plain(config, "timm")
+    name = timm_name(config)
+    return timm.create_model(
+        name if timm.is_model(name) else "vit_base_patch16_224", pretrained=False, img_size=config.img_size, patch_size=config.patch_size,
+        embed_dim=config.embed_dim, depth=config.depth, num_heads=config.num_heads,
+        mlp_ratio=config.mlp_dim / config.embed_dim, qkv_bias=config.qkv_bias, num_classes=config.num_classes)
+
+
+class _LogitsOnly(nn.Module):
+    """HF models return an output object; the benchmark wants the logits tensor, like the others."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=x).logits
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if enable:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def build_hf(config: ViTConfig) -> nn.Module:
+    """The same architecture as `transformers.ViTForImageClassification`, random init, SDPA attention."""
+    import transformers
+
+    _check_plain(config, "hf")
+    if config.img_size[0] != config.img_size[1] or config.patch_size[0] != config.patch_size[1]:
+        raise VitkitError("--peers hf: HF's ViT needs square images and patches")
+    hf_config = transformers.ViTConfig(
+        hidden_size=config.embed_dim, num_hidden_layers=config.depth, num_attention_heads=config.num_heads,
+        intermediate_size=config.mlp_dim, image_size=config.img_size[0], patch_size=config.patch_size[0],
+        num_channels=config.in_chans, qkv_bias=config.qkv_bias, layer_norm_eps=config.norm_eps,
+        num_labels=config.num_classes)
+    hf_config._attn_implementation = "sdpa"
+    return _LogitsOnly(transformers.ViTForImageClassification(hf_config))
+
+
+# ---------------------------------------------------------------------------- one measurement
+def _measure(*, impl: str, build: Callable[[], nn.Module], mode: str, config: ViTConfig, batch_size: int,
+             dtype: torch.dtype, device: torch.device, compile: bool, compile_mode: str,
+             grad_checkpointing: bool, sdpa_backend: str, steps: int, repeats: int, warmup: int) -> dict:
+    from .fast import attention_backends, make_adamw, optimize_for_inference, optimize_for_training
+
+    backend = sdpa_backend if impl == "vitkit" else "default"
+    model = build().to(device)
+    H, W = config.img_size
+    x = torch.randn(batch_size, config.in_chans, H, W, device=device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    if mode == "infer":
+        run = optimize_for_inference(model, dtype=dtype, compile=compile, compile_mode=compile_mode,
+                                     sdpa_backend=backend)
+        x = x.to(dtype)
+
+        def step() -> object:
+            with torch.inference_mode():
+                return run(x)
+    else:
+        run = optimize_for_training(model, compile=compile, compile_mode=compile_mode, sdpa_backend=backend,
+                                    grad_checkpointing=grad_checkpointing)
+        optimizer = make_adamw(model.parameters(), lr=1e-4)
+        labels = torch.randint(0, max(config.num_classes, 1), (batch_size,), device=device)
+        autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext())
+
+        def step() -> object:
+            with autocast:
+                loss = F.cross_entropy(run(x).float(), labels)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss
+
+    seconds = statistics.median(time_steps(step, device=device, steps=steps, repeats=repeats, warmup=warmup))
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+    levers = []
+    chosen = attention_backends(backend, device=device)
+    if chosen is not None:
+        levers.append(f"sdpa={chosen[0].name.lower()}")
+    if grad_checkpointing and mode == "train":
+        levers.append("grad-checkpointing")
+    del model, run
+    return {"impl": impl, "mode": mode, "step_ms": seconds * 1e3, "img_per_s": batch_size / seconds,
+            "peak_mem_gb": peak, "levers": ",".join(levers) or "-"}
+
+
+def benchmark_throughput(*, model: str, batch_size: int = 64, precision: str = "bf16", compile: bool = False,
+                         compile_mode: str = "default", peers: Sequence[str] = PEERS,
+                         img_size: int | None = None, device: str | None = None, steps: int = 10,
+                         repeats: int = 5, warmup: int = 3, modes: Sequence[str] = MODES,
+                         sdpa_backend: str = "auto", grad_checkpointing: bool = False,
+                         num_classes: int | None = None, config: ViTConfig | None = None,
+                         matmul_tflops: float | None = None) -> list[dict]:
+    """Images per second, MFU and peak memory of vitkit and each peer, for inference and for a
+    full training step; one dict per (implementation, mode), with the fields in `FIELDS`.
+
+    model: a variant name (ViT-B/16, vit_small_patch16_224, ...), or ignored when `config` is given.
+    peers: any of 'timm', 'hf'; a peer whose package is missing is reported and skipped.
+    ratios (vitkit rows): vitkit's img/s over each peer's, in the same mode.
+    matmul_tflops: the bf16 matmul rate for MFU; measured on `device` when None.
+    """
+    from .model import count_flops
+    from .variants import resolve
+
+    if precision not in PRECISIONS:
+        raise VitkitError(f"--precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if batch_size < 1 or steps < 1 or repeats < 1 or warmup < 0:
+        raise VitkitError("--batch-size, --steps and --repeats must be positive")
+    unknown = [p for p in peers if p not in PEERS]
+    if unknown:
+        raise VitkitError(f"--peers: unknown peer {unknown[0]!r}; expected a comma list of {', '.join(PEERS)}")
+    bad_modes = [m for m in modes if m not in MODES]
+    if bad_modes:
+        raise VitkitError(f"--modes: unknown mode {bad_modes[0]!r}; expected {', '.join(MODES)}")
+    if config is None:
+        try:
+            config = resolve(model)
+        except ValueError as error:
+            raise VitkitError(f"--model: {error}") from None
+    changes = {}
+    if img_size is not None:
+        changes["img_size"] = img_size
+    if num_classes is not None:
+        changes["num_classes"] = num_classes
+    if changes:
+        try:
+            config = config.replace(**changes)
+        except ValueError as error:
+            raise VitkitError(f"--img-size: {error}") from None
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise VitkitError(f"--device {device}: CUDA is not available here")
+    dtype = PRECISIONS[precision]
+
+    from .model import VisionTransformer
+
+    builders: dict[str, Callable[[], nn.Module]] = {"vitkit": lambda: VisionTransformer(config)}
+    skipped = {}
+    for peer in peers:
+        try:
+            __import__({"timm": "timm", "hf": "transformers"}[peer])
+        except ImportError as error:
+            skipped[peer] = f"not installed ({error})"
+            continue
+        builders[peer] = {"timm": lambda: build_timm(config), "hf": lambda: build_hf(config)}[peer]
+    for peer, why in skipped.items():
+        print(f"bench: skipping {peer}: {why}")
+
+    peak_tflops = matmul_tflops or measure_matmul_tflops(device=dev)
+    flops = count_flops(config)["total"]
+    rows = []
+    for mode in modes:
+        for impl, build in builders.items():
+            torch.manual_seed(0)
+            row = _measure(impl=impl, build=build, mode=mode, config=config, batch_size=batch_size, dtype=dtype,
+                           device=dev, compile=compile, compile_mode=compile_mode,
+                           grad_checkpointing=grad_checkpointing, sdpa_backend=sdpa_backend, steps=steps,
+                           repeats=repeats, warmup=warmup)
+            step_flops = flops * (3 if mode == "train" else 1)
+            row.update(model=model, batch_size=batch_size, img_size=config.img_size[0], precision=precision,
+                       compile=compile_mode if compile else "eager", device=_device_name(dev),
+                       mfu=row["img_per_s"] * step_flops / (peak_tflops * 1e12), matmul_tflops=peak_tflops)
+            rows.append(row)
+        vitkit = next(r for r in rows if r["impl"] == "vitkit" and r["mode"] == mode)
+        vitkit["ratios"] = {r["impl"]: vitkit["img_per_s"] / r["img_per_s"]
+                            for r in rows if r["mode"] == mode and r["impl"] != "vitkit"}
+        for r in rows:
+            r.setdefault("ratios", {})
+    return [{k: r[k] for k in FIELDS + ("matmul_tflops",)} for r in rows]
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    """The rows as a fixed-width text table, one line per (implementation, mode)."""
+    if not rows:
+        return "(no results)"
+    first = rows[0]
+    lines = [f"{first['model']}  batch {first['batch_size']}  {first['img_size']} px  {first['precision']}  "
+             f"{first['compile']}  on {first['device']}  (bf16 matmul {first['matmul_tflops']:.1f} TFLOP/s)",
+             f"{'impl':<8} {'mode':<6} {'img/s':>10} {'step ms':>9} {'MFU':>6} {'peak GB':>8}  {'vs peers':<24} levers"]
+    for r in rows:
+        ratios = " ".join(f"{k}={v:.2f}x" for k, v in r["ratios"].items()) or "-"
+        peak = f"{r['peak_mem_gb']:.2f}" if r["peak_mem_gb"] is not None else "-"
+        lines.append(f"{r['impl']:<8} {r['mode']:<6} {r['img_per_s']:>10.1f} {r['step_ms']:>9.2f} "
+                     f"{r['mfu'] * 100:>5.1f}% {peak:>8}  {ratios:<24} {r['levers']}")
+    return "\n".join(lines)
+
+
+__all__ = ["benchmark_throughput", "measure_matmul_tflops", "time_steps", "format_table", "build_timm",
+           "build_hf", "timm_name", "PRECISIONS", "PEERS", "FIELDS"]

@@ -1,0 +1,83 @@
+"""The throughput benchmark on the CPU with a tiny model: every field, every peer, the CLI."""
+
+import json
+
+import pytest
+import torch
+
+from vitkit.bench import FIELDS, benchmark_throughput, build_hf, build_timm, format_table, time_steps, timm_name
+from vitkit.cli import main
+from vitkit.config import ViTConfig
+from vitkit.errors import VitkitError
+from vitkit.variants import resolve
+
+TINY = ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, mlp_dim=64, num_classes=10)
+QUICK = dict(steps=1, repeats=2, warmup=1, matmul_tflops=1.0)
+
+
+def test_rows_have_every_field_and_ratios_against_each_peer():
+    rows = benchmark_throughput(model="tiny", config=TINY, batch_size=2, precision="fp32", **QUICK)
+    assert [(r["impl"], r["mode"]) for r in rows] == [
+        ("vitkit", "infer"), ("timm", "infer"), ("hf", "infer"), ("vitkit", "train"), ("timm", "train"), ("hf", "train")]
+    for r in rows:
+        assert set(FIELDS) <= set(r)
+        assert r["img_per_s"] > 0 and r["step_ms"] > 0
+        assert r["img_per_s"] == pytest.approx(2 / (r["step_ms"] / 1e3))
+        assert r["peak_mem_gb"] is None  # no device allocator on the CPU
+    for mode in ("infer", "train"):
+        vit, timm_row, hf_row = [r for r in rows if r["mode"] == mode]
+        assert vit["ratios"]["timm"] == pytest.approx(vit["img_per_s"] / timm_row["img_per_s"])
+        assert set(vit["ratios"]) == {"timm", "hf"}
+    # MFU counts a training step as three forwards, against the given 1 TFLOP/s.
+    from vitkit.model import count_flops
+
+    train = rows[3]
+    assert train["mfu"] == pytest.approx(train["img_per_s"] * 3 * count_flops(TINY)["total"] / 1e12)
+    table = format_table(rows)
+    assert "img/s" in table and "timm=" in table and table.count("\n") == 7
+
+
+def test_peers_are_the_same_architecture():
+    """Same parameter count as vitkit's: the comparison is model against model."""
+    from vitkit.model import VisionTransformer
+
+    def count(m):
+        return sum(p.numel() for p in m.parameters())
+
+    assert count(build_timm(TINY)) == count(VisionTransformer(TINY))
+    assert count(build_hf(TINY)) == count(VisionTransformer(TINY))
+    assert timm_name(resolve("ViT-S/16")) == "vit_small_patch16_224"
+    x = torch.randn(2, 3, 32, 32)
+    assert build_hf(TINY)(x).shape == build_timm(TINY)(x).shape == (2, 10)
+
+
+def test_bf16_training_and_inference_run_with_grad_checkpointing():
+    rows = benchmark_throughput(model="tiny", config=TINY, batch_size=2, precision="bf16", peers=["timm"],
+                                grad_checkpointing=True, **QUICK)
+    assert [r["levers"] for r in rows] == ["-", "-", "grad-checkpointing", "grad-checkpointing"]
+
+
+def test_time_steps_measures_the_step():
+    import time
+
+    times = time_steps(lambda: time.sleep(0.01), device=torch.device("cpu"), steps=2, repeats=2, warmup=0)
+    assert len(times) == 2 and all(0.009 < t < 0.1 for t in times)
+
+
+def test_cli_prints_json_rows(capsys):
+    assert main(["bench", "throughput", "--model", "ViT-Ti/16", "--img-size", "32", "--batch-size", "1",
+                 "--precision", "fp32", "--peers", "timm", "--steps", "1", "--repeats", "1", "--warmup", "0",
+                 "--modes", "infer", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["impl"] for r in rows] == ["vitkit", "timm"] and rows[0]["img_size"] == 32
+
+
+def test_bad_arguments_are_one_line_errors(capsys):
+    with pytest.raises(VitkitError, match="--peers"):
+        benchmark_throughput(model="tiny", config=TINY, peers=["jax"], **QUICK)
+    with pytest.raises(VitkitError, match="--model"):
+        benchmark_throughput(model="ViT-Q/16")
+    assert main(["bench", "throughput", "--model", "ViT-B/16", "--batch-size", "0"]) == 2
+    assert "--batch-size" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "nonsense"])
