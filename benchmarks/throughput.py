@@ -1,0 +1,68 @@
+"""Every GPU row of benchmarks/RESULTS.md (## Throughput) in one process, most important first.
+
+    PYTHONPATH=src python3 benchmarks/throughput.py [OUT_DIR]
+
+Prints each table as it finishes (a configuration that fails prints its error and the run goes
+on) and appends the rows to OUT_DIR/throughput.jsonl.
+"""
+
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+from vitkit.bench import benchmark_throughput, format_table, measure_matmul_tflops
+from vitkit.fast import optimize_for_inference
+from vitkit.model import VisionTransformer
+from vitkit.variants import resolve
+
+out_dir = sys.argv[1] if len(sys.argv) > 1 else "."
+log = open(os.path.join(out_dir, "throughput.jsonl"), "a")
+print(torch.__version__, torch.cuda.get_device_name(), flush=True)
+
+tflops = measure_matmul_tflops(device="cuda")
+print(f"bf16 matmul 8192^3: {tflops:.0f} TFLOP/s", flush=True)
+
+# Correctness on the GPU: the fast path (bf16 weights, cuDNN attention) against fp32 (tf32 off).
+torch.backends.cuda.matmul.allow_tf32 = False
+ref_model = VisionTransformer(resolve("ViT-B/16")).cuda().eval()
+with torch.no_grad():
+    for p in ref_model.parameters():
+        p.normal_(0, 0.02)
+x = torch.randn(8, 3, 224, 224, device="cuda")
+with torch.no_grad():
+    ref = ref_model(x).double()
+    for backend in ("cudnn", "flash", "default"):
+        import copy
+        fast = optimize_for_inference(copy.deepcopy(ref_model), dtype=torch.bfloat16, sdpa_backend=backend)
+        got = fast(x.bfloat16()).double()
+        print(f"fast path sdpa={backend}: rel. error vs fp32 {float((got - ref).norm() / ref.norm()):.2e}", flush=True)
+del ref_model, fast
+
+CONFIGS = [
+    dict(model="ViT-B/16", batch_size=256, compile=True),
+    dict(model="ViT-B/16", batch_size=256, compile=False),
+    dict(model="ViT-S/16", batch_size=256, compile=True, peers=["timm"]),
+    dict(model="ViT-L/16", batch_size=256, compile=True, peers=["timm"], grad_checkpointing=True, modes=["train"]),
+    dict(model="ViT-L/16", batch_size=256, compile=True, peers=["timm"], modes=["infer"]),
+    dict(model="ViT-B/16", batch_size=256, compile=True, peers=[], sdpa_backend="default"),
+    dict(model="ViT-B/16", batch_size=8, compile=True, peers=["timm"], modes=["infer"], compile_mode="reduce-overhead"),
+]
+tables = []
+for config in CONFIGS:
+    t0 = time.time()
+    try:
+        rows = benchmark_throughput(precision="bf16", matmul_tflops=tflops, steps=10, repeats=5, **config)
+    except Exception:
+        print(f"FAILED {config}\n{traceback.format_exc()[-1500:]}", flush=True)
+        continue
+    for row in rows:
+        log.write(json.dumps({**row, "config": config}) + "\n")
+    log.flush()
+    table = format_table(rows) + f"\n  ({config}, {time.time() - t0:.0f} s)"
+    tables.append(table)
+    print(table, flush=True)
+print("\n\n".join(tables))

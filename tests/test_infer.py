@@ -1,0 +1,125 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vitkit import ViTConfig, create_model, load_pretrained, save_pretrained
+from vitkit.cli import main
+from vitkit.config import Preprocessing
+from vitkit.data import build_eval_loader
+from vitkit.errors import VitkitError
+from vitkit.images import preprocess, read_image
+from vitkit.infer import evaluate, predict
+
+from conftest import randomize
+
+CLASSES = ["a_red", "b_green", "c_blue"]  # sorted, as ImageFolder orders them
+
+
+@pytest.fixture
+def dataset(tmp_path) -> Path:
+    root = tmp_path / "ds"
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 2), ("val", 6)):
+        for label, name in enumerate(CLASSES):
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 80, (16, 16, 3), dtype=np.uint8)
+                pixels[..., label] += 170
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def colour_model(tmp_path) -> Path:
+    """A ViT whose head reads the mean colour: average pooling of patch tokens, an identity-like
+    patch projection, so it classifies the dataset's dominant channel correctly."""
+    model = create_model(ViTConfig(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2, mlp_dim=32,
+                                   num_classes=3, class_token=False, global_pool="avg"))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.patch_embed.proj.weight[:3] = torch.eye(3)[:, :, None, None].expand(3, 3, 8, 8) / 64
+        model.fc_norm.weight.fill_(1.0)
+        model.head.weight[:, :3] = torch.eye(3) * 5
+    model.class_names = list(CLASSES)
+    model.preprocessing = Preprocessing.for_size((16, 16))
+    return save_pretrained(model, tmp_path / "model")
+
+
+def test_evaluate_counts_match_a_manual_pass(dataset, tmp_path):
+    model = randomize(create_model(ViTConfig(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2,
+                                             mlp_dim=32, num_classes=3))).eval()
+    loader, names, _ = build_eval_loader(str(dataset), preprocessing=model.preprocessing, batch_size=4)
+    result = evaluate(model, loader, class_names=names)
+    x = torch.cat([b[0] for b in loader.iterate(0)])
+    y = torch.cat([b[1] for b in loader.iterate(0)])
+    with torch.no_grad():
+        pred = model(x).argmax(1)
+    assert result["n"] == 18 and result["top5"] == 1.0  # 3 classes: the top 5 always hold the truth
+    assert result["top1"] == pytest.approx((pred == y).float().mean().item())
+    confusion = np.array(result["confusion"])
+    assert confusion.sum() == 18 and confusion.sum(1).tolist() == [6, 6, 6]
+    assert result["per_class"]["b_green"] == pytest.approx(confusion[1, 1] / 6)
+
+
+def test_cli_eval_json_png_and_accuracy(dataset, colour_model, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["eval", str(colour_model), "--data", str(dataset), "--json", "--out", str(out)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["n"] == 18 and result["top1"] == 1.0 and result["top5"] == 1.0 and result["skipped"] == []
+    assert set(result["per_class"]) == set(CLASSES)
+    png = Image.open(out / "confusion.png")
+    assert png.size[0] > 300 and json.loads((out / "metrics.json").read_text())["n"] == 18
+    assert main(["eval", str(colour_model), "--data", str(dataset)]) == 0
+    assert "top-1 100.00%" in capsys.readouterr().out
+
+
+def test_cli_eval_refuses_other_class_names(dataset, colour_model, capsys):
+    (dataset / "val" / "c_blue").rename(dataset / "val" / "zzz")
+    (dataset / "train" / "c_blue").rename(dataset / "train" / "zzz")
+    assert main(["eval", str(colour_model), "--data", str(dataset)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'c_blue'" in err and "'zzz'" in err
+
+
+def test_predict_json_lines_errors_and_exit_code(dataset, colour_model, tmp_path, capsys):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 truncated")
+    inputs = [str(dataset / "val" / "a_red"), str(broken), str(dataset / "val" / "c_blue" / "*.png")]
+    assert main(["predict", str(colour_model), *inputs, "--json", "--top-k", "2"]) == 1
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert len(lines) == 6 + 1 + 6
+    assert "broken.jpg" in lines[6]["error"] and lines[6]["path"] == str(broken)
+    good = [line for line in lines if "predictions" in line]
+    assert all(len(line["predictions"]) == 2 for line in good)
+    assert [line["predictions"][0]["label"] for line in good] == ["a_red"] * 6 + ["c_blue"] * 6
+    assert all(line["predictions"][0]["prob"] >= line["predictions"][1]["prob"] for line in good)
+    assert main(["predict", str(colour_model), str(dataset / "val" / "b_green")]) == 0
+    text = capsys.readouterr().out
+    assert text.count(": b_green") == 6
+
+
+def test_predict_uses_the_stored_preprocessing(colour_model, dataset):
+    model = load_pretrained(colour_model)
+    model.preprocessing = Preprocessing(resize=20, crop=(16, 16), mean=(0.4, 0.4, 0.4), std=(0.2, 0.3, 0.4))
+    files = sorted((dataset / "val").glob("*/*.png"))[:3]
+    results = predict(model, files, top_k=3)
+    with torch.no_grad():
+        probs = model(torch.stack([preprocess(read_image(f), model.preprocessing) for f in files])).softmax(1)
+    for result, p in zip(results, probs):
+        by_label = {r["label"]: r["prob"] for r in result["predictions"]}
+        assert [by_label[c] for c in CLASSES] == pytest.approx(p.tolist(), abs=1e-5)
+    with pytest.raises(VitkitError, match="top-k"):
+        predict(model, files, top_k=0)
+
+
+def test_predict_missing_inputs(colour_model, tmp_path, capsys):
+    assert main(["predict", str(colour_model), str(tmp_path / "nope.png"), "--json"]) == 1
+    line = json.loads(capsys.readouterr().out.strip())
+    assert "no such file" in line["error"]
+    (tmp_path / "empty").mkdir()
+    assert main(["predict", str(colour_model), str(tmp_path / "empty")]) == 2
