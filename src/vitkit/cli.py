@@ -130,81 +130,6 @@ def _run_predict(args: argparse.Namespace) -> int:
     return EXIT_PARTIAL if any("error" in r for r in results) else EXIT_OK
 
 
-# ---------------------------------------------------------------------------- eval
-def _add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="top-1/top-5 and per-class accuracy of a model on a dataset",
-                       description="Evaluate a model with its stored preprocessing: top-1, top-5, per-class accuracy, "
-                                   "and a confusion-matrix PNG in --out.")
-    p.add_argument("source", help="a run directory (RUN/best is used), a checkpoint, or any load_pretrained source")
-    p.add_argument("--data", help="ImageFolder folder or .tar/.tar.gz/.zip, cifar10[:ROOT], cifar100[:ROOT] "
-                                  "(default: the built-in CIFAR-10 sample)")
-    p.add_argument("--split", default="val", choices=("val", "test", "train"), help="val falls back to test")
-    p.add_argument("--model", help="variant name, for weight files that cannot say the whole architecture")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
-    p.add_argument("--workers", type=int, default=0, help="decoding threads/processes (default: all cores)")
-    p.add_argument("--out", help="folder for metrics.json and confusion.png")
-    p.add_argument("--strict", action="store_true", help="fail on the first unreadable image instead of skipping it")
-    p.add_argument("--json", action="store_true", help="print one JSON object (top1, top5, n, ...) as the last line")
-    p.set_defaults(run=_run_eval)
-
-
-def _run_eval(args: argparse.Namespace) -> int:
-    import json
-
-    from .infer import evaluate_source
-
-    model = _model_from(args.source, model_name=args.model)
-    result = evaluate_source(model, source=args.source, data=args.data, batch_size=args.batch_size,
-                             device=args.device, split=args.split, out=args.out, strict=args.strict,
-                             workers=args.workers)
-    if args.json:
-        print(json.dumps({k: v for k, v in result.items() if k != "confusion"}))
-        return EXIT_OK
-    print(f"top-1 {result['top1']:.2%}  top-5 {result['top5']:.2%}  on {result['n']} images"
-          + (f" ({len(result['skipped'])} unreadable, skipped)" if result["skipped"] else ""))
-    for name, accuracy in result["per_class"].items():
-        print(f"  {name:<24}{'-' if accuracy is None else f'{accuracy:.2%}':>8}")
-    if "confusion_png" in result:
-        print(f"confusion matrix: {result['confusion_png']}")
-    return EXIT_OK
-
-
-# ---------------------------------------------------------------------------- predict
-def _add_predict(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="class probabilities for image files, folders or globs",
-                       description="Classify images with the model's stored preprocessing. Exit 1 when any input "
-                                   "could not be read (the others are still classified).")
-    p.add_argument("source", help="a run directory, a checkpoint, or any load_pretrained source")
-    p.add_argument("images", nargs="+", help="image files, folders (recursive) or glob patterns")
-    p.add_argument("--model", help="variant name, for weight files that cannot say the whole architecture")
-    p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
-    p.add_argument("--json", action="store_true", help="one JSON object per input line")
-    p.set_defaults(run=_run_predict)
-
-
-def _run_predict(args: argparse.Namespace) -> int:
-    import json
-
-    from .images import list_images
-    from .infer import predict
-
-    paths = list_images(args.images)
-    if not paths:
-        raise VitkitError(f"no images found in {' '.join(args.images)}")
-    model = _model_from(args.source, model_name=args.model)
-    results = predict(model, paths, top_k=args.top_k, device=args.device)
-    for result in results:
-        if args.json:
-            print(json.dumps(result), flush=True)
-        elif "error" in result:
-            print(f"{result['path']}: error: {result['error']}")
-        else:
-            print(f"{result['path']}: " + ", ".join(f"{p['label']} {p['prob']:.3f}" for p in result["predictions"]))
-    return EXIT_PARTIAL if any("error" in r for r in results) else EXIT_OK
-
-
 # ---------------------------------------------------------------------------- bench
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks: throughput against timm and HF, ...",
@@ -383,7 +308,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- main
-_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_info, _add_train, _add_bench, _add_export, _add_explain, _add_eval, _add_predict, _add_eval, _add_predict]
+_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_info, _add_train, _add_bench, _add_export, _add_explain, _add_eval, _add_predict]
 
 
 def build_parser() -> argparse.ArgumentParser:
