@@ -55,6 +55,26 @@ def _run_info(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------------------- convert
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="write a model's weights in another format (vitkit, hf, timm, npz)",
+                       description="Load SRC (any load_pretrained source) and write it to DST in the format --to: "
+                                   "vitkit or hf (directories), timm (.safetensors/.pth), npz (the JAX layout).")
+    p.add_argument("source", help="a vitkit/HF directory, hf-hub:ORG/NAME, a timm .safetensors/.pth, or a JAX .npz")
+    p.add_argument("destination", help="output directory (vitkit, hf) or file (timm, npz)")
+    p.add_argument("--to", required=True, choices=("vitkit", "hf", "timm", "npz"), help="the output format")
+    p.add_argument("--model", help="variant name, for weight files that cannot say the whole architecture")
+    p.set_defaults(run=_run_convert)
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from .convert import convert
+
+    written = convert(source=args.source, destination=args.destination, to=args.to, model=args.model)
+    print(f"wrote {written} ({args.to})")
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------------------- eval
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="top-1/top-5 and per-class accuracy of a model on a dataset",
@@ -308,7 +328,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- main
-_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_info, _add_train, _add_bench, _add_export, _add_explain, _add_eval, _add_predict]
+_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_info, _add_convert, _add_train, _add_bench, _add_export, _add_explain, _add_eval, _add_predict]
 
 
 def build_parser() -> argparse.ArgumentParser:
