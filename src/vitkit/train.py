@@ -105,7 +105,7 @@ class TrainConfig:
 
 # Values for fields neither the user nor the recipe set.
 _FALLBACK = dict(seed=0, grad_accum=1, min_lr=0.0, label_smoothing=0.0, mixup=0.0, cutmix=0.0, random_erasing=0.0,
-                 drop_path=0.0, distill_type="hard", distill_alpha=0.5, distill_tau=1.0, strict=False, fsdp=False,
+                 drop_path=0.0, distill_type="hard", distill_alpha=0.5, distill_tau=3.0, strict=False, fsdp=False,
                  grad_checkpointing=False, augment=None)
 
 

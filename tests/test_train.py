@@ -1,0 +1,186 @@
+"""vitkit train: it learns, writes a usable run directory, and its recipe pieces are right."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vitkit
+from vitkit.cli import build_parser, main
+from vitkit.mixup import mix_batch
+from vitkit.optim import lr_at, param_groups
+from vitkit.train import TrainConfig, read_metrics, train
+
+# A 16-px ViT small enough that a step takes milliseconds on one core.
+TINY_MODEL = dict(model="vit_cifar", model_overrides=dict(embed_dim=32, depth=1, num_heads=2, mlp_dim=64),
+                  patch_size=4, img_size=16)
+
+
+def make_shapes(root: Path, *, per_class: int = 40, val_per_class: int = 12, size: int = 16, seed: int = 0) -> Path:
+    """Three classes of coloured shapes on noisy backgrounds, as PNGs in DIR/{train,val}/<class>/."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    colours = {"square": (220, 40, 40), "disc": (40, 200, 60), "bar": (50, 70, 230)}
+    for split, count in (("train", per_class), ("val", val_per_class)):
+        for name, colour in colours.items():
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                image = rng.integers(0, 90, (size, size, 3)).astype(np.float64)
+                r = rng.integers(3, 6)
+                cy, cx = rng.integers(r, size - r, 2)
+                if name == "square":
+                    mask = (abs(yy - cy) <= r) & (abs(xx - cx) <= r)
+                elif name == "disc":
+                    mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+                else:
+                    mask = abs(yy - cy) <= 1
+                image[mask] = np.array(colour) * rng.uniform(0.8, 1.0)
+                Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(folder / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    return make_shapes(tmp_path_factory.mktemp("shapes"))
+
+
+def tiny_config(data: Path, out: Path, **changes) -> TrainConfig:
+    values = dict(TINY_MODEL, data=str(data), out=str(out), epochs=6, batch_size=24, lr=3e-3, warmup_epochs=1,
+                  progress=False, seed=0)
+    values.update(changes)
+    return TrainConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def trained_run(shapes, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "shapes"
+    return out, train(tiny_config(shapes, out))
+
+
+def test_training_learns_shapes_far_above_chance(trained_run):
+    out, summary = trained_run
+    assert summary["best_val_acc"] >= 0.9  # chance is 1/3
+    epochs = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "epoch"]
+    assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
+
+
+def test_run_directory_is_complete_and_loadable(trained_run, shapes):
+    out, summary = trained_run
+    config = json.loads((out / "config.json").read_text())
+    assert config["epochs"] == 6 and config["recipe"] == "cifar" and config["label_smoothing"] == 0.1
+    records = read_metrics(out / "metrics.jsonl")
+    steps = [r for r in records if r["kind"] == "step"]
+    assert [r["step"] for r in steps] == list(range(1, summary["steps"] + 1))
+    assert all(math.isfinite(r["loss"]) and r["lr"] > 0 for r in steps)
+    for name in ("loss.png", "accuracy.png", "lr.png"):
+        with Image.open(out / name) as image:
+            assert image.format == "PNG" and image.width >= 600
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["best_val_acc"] == summary["best_val_acc"] and saved["images_per_s"] > 0
+    # best/ is a vitkit checkpoint that reproduces the validation accuracy it was kept for.
+    model = vitkit.load_pretrained(out / "best")
+    assert model.class_names == ["bar", "disc", "square"]
+    from vitkit.data import build_eval_loader
+
+    loader, _, _ = build_eval_loader(str(shapes), preprocessing=model.preprocessing, batch_size=50)
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in loader.iterate(0):
+            correct += (model(x).argmax(-1) == y).sum().item()
+            total += len(y)
+    assert correct / total == pytest.approx(summary["best_val_acc"], abs=1e-6)
+
+
+@pytest.mark.xfail(strict=True, reason="pretrained.read_checkpoint reads RUN/config.json (the training config) "
+                                       "before looking for RUN/best; the lead's loader needs to prefer best/")
+def test_load_pretrained_finds_best_in_run_dir(trained_run):
+    out, _ = trained_run
+    vitkit.load_pretrained(out)
+
+
+def test_grad_accum_equals_bigger_batch(shapes, tmp_path):
+    common = dict(epochs=1, augment="none", label_smoothing=0.0, warmup_epochs=0, max_train=96)
+    a = train(tiny_config(shapes, tmp_path / "a", batch_size=32, grad_accum=1, **common))
+    b = train(tiny_config(shapes, tmp_path / "b", batch_size=16, grad_accum=2, **common))
+    assert a["steps"] == b["steps"] == 3
+    wa = vitkit.load_pretrained(tmp_path / "a" / "last").state_dict()
+    wb = vitkit.load_pretrained(tmp_path / "b" / "last").state_dict()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], atol=2e-6, rtol=1e-5)
+
+
+def test_init_from_run_replaces_head_and_resamples(trained_run, tmp_path, shapes):
+    out, _ = trained_run
+    summary = train(TrainConfig(init=str(out / "best"), data=str(shapes), out=str(tmp_path / "ft"), img_size=32,
+                                epochs=1, batch_size=24, progress=False))
+    config = json.loads((tmp_path / "ft" / "config.json").read_text())
+    assert config["recipe"] == "finetune" and config["layer_decay"] == 0.75
+    model = vitkit.load_pretrained(tmp_path / "ft" / "best")
+    assert model.config.img_size == (32, 32) and model.pos_embed.shape[1] == 1 + 8 * 8
+    assert summary["best_val_acc"] > 0.6  # the pre-trained features carry over at another resolution
+
+
+def test_weight_decay_groups_and_layer_decay():
+    model = vitkit.create_model("vit_cifar", embed_dim=32, depth=2, num_heads=2, mlp_dim=64)
+    groups = param_groups(model, weight_decay=0.05, layer_decay=0.5, depth=2)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in groups:
+        for p in group["params"]:
+            decays = group["weight_decay"] > 0
+            assert decays == (p.ndim > 1 and names[id(p)] not in ("pos_embed", "cls_token")), names[id(p)]
+    scale = {names[id(p)]: g["lr_scale"] for g in groups for p in g["params"]}
+    assert scale["head.weight"] == 1.0 and scale["blocks.1.mlp.fc1.weight"] == 0.5
+    assert scale["blocks.0.attn.qkv.weight"] == 0.25 and scale["pos_embed"] == 0.125
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_lr_schedule_warms_up_then_decays_by_cosine():
+    lrs = [lr_at(s, base_lr=1.0, warmup_steps=4, total_steps=14, min_lr=0.1) for s in range(15)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert lrs[4] == 1.0 and lrs[9] == pytest.approx(0.55) and lrs[14] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+
+
+def test_mixup_and_cutmix_targets():
+    x = torch.randn(6, 3, 8, 8)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    mixed, targets = mix_batch(x, y, num_classes=3, mixup_alpha=0.8, cutmix_alpha=0.0, smoothing=0.1, seed=1, step=5)
+    torch.testing.assert_close(targets.sum(-1), torch.ones(6))
+    lam = (mixed[0] - x[5]) / (x[0] - x[5])  # mixup: every pixel is the same blend of a sample and its mirror
+    assert torch.allclose(lam, lam.flatten()[0], atol=1e-4)
+    again, _ = mix_batch(x, y, num_classes=3, mixup_alpha=0.8, cutmix_alpha=0.0, smoothing=0.1, seed=1, step=5)
+    assert torch.equal(mixed, again)
+    cut, targets = mix_batch(x, y, num_classes=3, mixup_alpha=0.0, cutmix_alpha=1.0, smoothing=0.0, seed=2, step=0)
+    pasted = (cut[0] != x[0]).any(0).float().mean().item()
+    assert targets[0, y[5]].item() == pytest.approx(pasted, abs=1e-6)  # the label share is the pasted area
+
+
+def test_seed_command_line_parses():
+    args = build_parser().parse_args(["train", "--model", "base", "--num_epochs", "10", "--batch_size", "32"])
+    fields = TrainConfig.__dataclass_fields__
+    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    assert (config.model, config.epochs, config.batch_size) == ("base", 10, 32)
+
+
+def test_train_help_documents_the_flags():
+    out = subprocess.run([sys.executable, "-m", "vitkit", "train", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    for flag in ("--model", "--num_epochs", "--batch_size", "--epochs", "--batch-size", "--lr", "--resume", "--init",
+                 "--precision", "--grad-accum", "--layer-decay", "--ema", "--mixup", "--fsdp", "--checkpoint-every",
+                 "--distill-from", "--grad-checkpointing"):
+        assert flag in out, flag
+
+
+def test_bad_arguments_give_one_line_errors(tmp_path, capsys, shapes):
+    assert main(["train", "--recipe", "nope", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--recipe 'nope'" in err and "cifar" in err and len(err.splitlines()) == 1
+    assert main(["train", "--model", "vit_bsae", "--data", str(shapes), "--out", str(tmp_path / "m")]) == 2
+    assert "vit_bsae" in capsys.readouterr().err
