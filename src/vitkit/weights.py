@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -49,20 +48,25 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        state = load_file(str(path))
+    except (SafetensorError, Exception) as error:  # any parse failure of untrusted bytes
         raise CheckpointError(path, f"not a readable safetensors file ({_first_line(error)})") from None
+    if not state:
+        raise CheckpointError(path, "holds no tensors")
+    return state
 
 
 def _read_torch_pickle(path: Path) -> dict[str, Tensor]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        # weights_only refused a global: the file wants to build objects (or run code) on load.
-        raise CheckpointError(path, "refused: the file holds Python objects beyond plain tensors and "
-                                    f"loading it could run code ({_first_line(error)}); convert it to "
-                                    "safetensors in a trusted environment") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, UnicodeDecodeError) as error:
+        if _REFUSED_GLOBAL in str(error):
+            # weights_only refused a global: the file wants to build objects (or run code) on load.
+            raise CheckpointError(path, "refused: the file holds Python objects beyond plain tensors and "
+                                        f"loading it could run code ({_refused_what(error)}); convert it to "
+                                        "safetensors in a trusted environment") from None
+        raise CheckpointError(path, f"not a readable PyTorch checkpoint ({_first_line(error)})") from None
+    except Exception as error:  # noqa: BLE001  garbage bytes reach the unpickler's KeyError, IndexError, struct.error...
         raise CheckpointError(path, f"not a readable PyTorch checkpoint ({_first_line(error)})") from None
     for wrapper in ("state_dict", "model", "module", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
@@ -83,8 +87,10 @@ def read_npz(path: str | Path) -> dict[str, np.ndarray]:
         with np.load(str(path), allow_pickle=False) as archive:
             return {key: archive[key] for key in archive.files}
     except ValueError as error:
-        raise CheckpointError(path, f"refused: the archive holds pickled objects ({_first_line(error)})") from None
-    except (OSError, zipfile.BadZipFile, EOFError) as error:
+        if "allow_pickle" in str(error):
+            raise CheckpointError(path, f"refused: the archive holds pickled objects ({_first_line(error)})") from None
+        raise CheckpointError(path, f"not a readable .npz archive ({_first_line(error)})") from None
+    except Exception as error:  # noqa: BLE001  any parse failure of untrusted bytes
         raise CheckpointError(path, f"not a readable .npz archive ({_first_line(error)})") from None
 
 
@@ -116,6 +122,17 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+# What torch.load(weights_only=True) says when a pickle asks for a function or class.
+_REFUSED_GLOBAL = "Unsupported global"
+
+
+def _refused_what(error: BaseException) -> str:
+    for line in str(error).splitlines():
+        if _REFUSED_GLOBAL in line:
+            return line[line.index(_REFUSED_GLOBAL):].split(" was not")[0][:200]
+    return _first_line(error)
 
 
 def _first_line(error: BaseException) -> str:

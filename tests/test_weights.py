@@ -1,0 +1,134 @@
+"""Weight files that are broken, foreign or hostile: a one-line CheckpointError naming the file,
+never a traceback, and never a line of the file's code run."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import vitkit
+from vitkit import CheckpointError, ViTConfig
+from vitkit.cli import main
+from vitkit.weights import read_state_dict
+
+from conftest import randomize
+
+TINY = ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, mlp_dim=64, num_classes=3)
+
+
+def _weights(tmp_path, name="w.safetensors"):
+    from safetensors.torch import save_file
+
+    state = randomize(vitkit.create_model(TINY)).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / name))
+    return tmp_path / name, state
+
+
+class _Payload:
+    """Unpickling this object would create the file `target`: the classic pickle exploit."""
+
+    def __init__(self, target):
+        self.target = str(target)
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+@pytest.mark.parametrize("how", ["torch_zip", "raw_pickle"])
+def test_malicious_pickle_is_refused_and_never_runs(tmp_path, how):
+    target = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    obj = {"patch_embed.proj.weight": torch.zeros(1), "x": _Payload(target)}
+    if how == "torch_zip":
+        torch.save(obj, path)
+    else:
+        path.write_bytes(pickle.dumps(obj, protocol=2))
+    with pytest.raises(CheckpointError, match=r"evil\.pth: refused.*Unsupported global"):
+        vitkit.load_pretrained(path, model=TINY)
+    assert not target.exists()
+    assert main(["info", str(path), "--model", "vit_tiny_patch16_224"]) == 2
+    assert not target.exists()
+
+
+def test_truncated_safetensors_and_pth(tmp_path, capsys):
+    path, state = _weights(tmp_path)
+    data = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    torch.save(state, tmp_path / "full.pth")
+    full = (tmp_path / "full.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(full[: len(full) // 2])
+    for name in ("cut.safetensors", "cut.pth"):
+        with pytest.raises(CheckpointError, match=name):
+            vitkit.load_pretrained(tmp_path / name, model=TINY)
+        assert main(["info", str(tmp_path / name), "--model", "vit_tiny_patch16_224"]) == 2
+        err = capsys.readouterr().err
+        assert name in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("name, content", [
+    ("empty.safetensors", b""), ("text.pth", b"hello, not weights\n"), ("random.bin", bytes(range(256)) * 4),
+    ("random.npz", b"PK\x03\x04" + b"\x00" * 60), ("notes.txt", b"weights?"),
+])
+def test_files_that_are_not_checkpoints(tmp_path, name, content):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(CheckpointError, match=name.replace(".", r"\.")):
+        vitkit.load_pretrained(tmp_path / name, model=TINY)
+
+
+def test_non_tensor_entries_and_wrapped_state_dicts(tmp_path):
+    _, state = _weights(tmp_path)
+    torch.save({"model": state, "epoch": 3}, tmp_path / "wrapped.pth")
+    model = vitkit.load_pretrained(tmp_path / "wrapped.pth", model=TINY)  # the training-checkpoint wrapper
+    x = torch.randn(1, 3, 32, 32)
+    reference = vitkit.create_model(TINY).eval()
+    reference.load_state_dict(state)
+    torch.testing.assert_close(model(x), reference(x))
+    torch.save({**state, "step": 3}, tmp_path / "mixed.pth")
+    with pytest.raises(CheckpointError, match="not tensors.*step"):
+        vitkit.load_pretrained(tmp_path / "mixed.pth", model=TINY)
+
+
+def test_missing_keys_and_shapes_that_do_not_fit_the_named_model(tmp_path):
+    from safetensors.torch import save_file
+
+    _, state = _weights(tmp_path)
+    save_file({k: v.contiguous() for k, v in state.items() if not k.startswith("blocks.1.norm2")},
+              str(tmp_path / "missing.safetensors"))
+    with pytest.raises(CheckpointError, match=r"missing\.safetensors.*blocks\.1\.norm2\.bias.*blocks\.1\.norm2\.weight"):
+        vitkit.load_pretrained(tmp_path / "missing.safetensors", model=TINY)
+    with pytest.raises(CheckpointError, match=r"w\.safetensors.*embed_dim.*192"):
+        vitkit.load_pretrained(tmp_path / "w.safetensors", model="vit_tiny_patch16_224")
+
+
+def test_npz_with_pickled_objects_is_refused(tmp_path):
+    np.savez(tmp_path / "obj.npz", a=np.array([{"k": 1}], dtype=object))
+    with pytest.raises(CheckpointError, match="pickled"):
+        read_state_dict(tmp_path / "obj.npz")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=600), suffix=st.sampled_from([".safetensors", ".pth", ".bin", ".npz"]),
+       prefix=st.sampled_from([b"", b"PK\x03\x04", b"\x80\x02", b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":"]))
+def test_fuzz_read_state_dict_gives_a_result_or_a_clean_error(tmp_path, data, suffix, prefix):
+    path = tmp_path / f"fuzz{suffix}"
+    path.write_bytes(prefix + data)
+    try:
+        result = read_state_dict(path)
+    except CheckpointError as error:
+        assert str(path) in str(error)
+    else:
+        assert isinstance(result, dict) and all(isinstance(v, torch.Tensor) for v in result.values())
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cut=st.floats(0.0, 0.99))
+def test_fuzz_truncated_zip_checkpoints(tmp_path, cut):
+    # A real checkpoint cut anywhere: the zip reader and the unpickler both see half a file.
+    path = tmp_path / "w.pth"
+    torch.save({"a": torch.arange(64.0), "b": torch.ones(3, 3)}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * cut)])
+    with pytest.raises(CheckpointError, match="w.pth"):
+        read_state_dict(path)
