@@ -44,9 +44,11 @@ def _display_size(rows: int, cols: int, longest: float) -> tuple[float, float]:
     return cols * scale, rows * scale
 
 
-def draw_patch_grid(image: np.ndarray, *, patch_size: tuple[int, int], title: str = "") -> object:
-    """The input image with its patch grid, each patch numbered in sequence order (1..N; the
-    [class] token is position 0). image: (H, W, 3) in [0, 1]."""
+def draw_patch_grid(image: np.ndarray, *, patch_size: tuple[int, int], first_index: int = 1,
+                    title: str = "") -> object:
+    """The input image with its patch grid, each patch labelled with its position in the sequence:
+    `first_index` (the number of prefix tokens before it) for the top-left patch, then raster
+    order. image: (H, W, 3) in [0, 1]."""
     H, W = image.shape[:2]
     P, Q = patch_size
     gh, gw = H // P, W // Q
@@ -66,7 +68,7 @@ def draw_patch_grid(image: np.ndarray, *, patch_size: tuple[int, int], title: st
     for r in range(gh):
         for c in range(gw):
             if c % step == 0:
-                _outlined(ax.text(c * Q + Q / 2, r * P + P / 2, str(r * gw + c + 1), color="white",
+                _outlined(ax.text(c * Q + Q / 2, r * P + P / 2, str(first_index + r * gw + c), color="white",
                                   ha="center", va="center", fontsize=fontsize, fontweight="bold"))
     ax.set_xticks([])
     ax.set_yticks([])
@@ -87,7 +89,9 @@ def draw_patch_sequence(patches: np.ndarray, *, prefix_names: list[str], title: 
     gap = 0.25
     tile_w = 1.0
     tile_h = P / Q
-    fig = _figure(min(12.0, 0.72 * per_row + 0.6), 0.9 * rows * max(tile_h, 0.6) + 0.9)
+    width = min(12.0, 0.72 * per_row + 0.6)
+    data_w, data_h = per_row * (tile_w + gap), rows * (tile_h + 0.55)
+    fig = _figure(width, width * data_h / data_w + 0.6)
     ax = fig.add_subplot()
     for t in range(shown):
         r, c = divmod(t, per_row)
@@ -194,7 +198,7 @@ def draw_attention_distance(distance: np.ndarray, *, grid: tuple[int, int], patc
     import matplotlib
 
     L, heads = distance.shape
-    fig = _figure(6.5, 4.5)
+    fig = _figure(7.5 if heads <= 16 else 6.5, 4.5)
     ax = fig.add_subplot()
     colours = matplotlib.colormaps["tab20" if heads > 10 else "tab10"]
     rng = np.random.default_rng(0)
@@ -215,7 +219,8 @@ def draw_attention_distance(distance: np.ndarray, *, grid: tuple[int, int], patc
     ax.set_ylabel("mean attention distance (pixels)")
     ax.grid(alpha=0.3)
     if heads <= 16:
-        ax.legend(fontsize=7, ncol=2 if heads > 8 else 1, loc="upper left", frameon=True)
+        ax.legend(fontsize=7, ncol=2 if heads > 8 else 1, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                  frameon=False)
     ax.set_title(title or f"Mean attention distance per head (Fig. 7 right), over {num_images} image(s)",
                  fontsize=11)
     return fig

@@ -119,7 +119,8 @@ def explain(*, images: list[str | Path], model: VisionTransformer, out_dir: str 
             stem = f"{index + 1:02d}-{_safe_stem(path)}"
             item = _ImageFigures(name=path.name)
             display = analysis.unnormalize(batch[b], model.preprocessing)
-            item.png["grid"] = save(f"{stem}-patches", figures.draw_patch_grid(display, patch_size=stride))
+            item.png["grid"] = save(f"{stem}-patches", figures.draw_patch_grid(
+                display, patch_size=stride, first_index=num_prefix))
             patches = analysis.patch_grid(display, patch_size=stride)
             item.png["sequence"] = save(f"{stem}-sequence",
                                         figures.draw_patch_sequence(patches, prefix_names=_token_names(model)))
@@ -199,7 +200,7 @@ def _render(*, model: VisionTransformer, source: str, images: list[_ImageFigures
     for item in images:
         parts.append(f"<h3>{html.escape(item.name)}</h3>")
         parts.append(_img(item.png["grid"], f"{item.name} with its patch grid",
-                          "Patch numbers are positions in the sequence; position 0 is the first prefix token."))
+                          "Each patch is labelled with its position in the sequence (the prefix tokens come first)."))
         parts.append(_img(item.png["sequence"], f"{item.name} as a token sequence"))
 
     parts.append("<h2>2. Patch embedding: what the linear projection looks for</h2>"
