@@ -157,3 +157,31 @@ def test_broken_hf_directories_are_named(tmp_path):
     (tmp_path / "hf" / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="without weights"):
         vitkit.load_pretrained(tmp_path / "hf")
+
+
+def test_cli_info_and_convert_on_hf_directories(tmp_path, capsys):
+    from vitkit.cli import main
+
+    hf_vit(id2label={i: f"kind{i}" for i in range(5)}, label2id={f"kind{i}": i for i in range(5)}).save_pretrained(tmp_path / "hf")
+    assert main(["info", str(tmp_path / "hf")]) == 0
+    assert "kind0, kind1" in capsys.readouterr().out
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "w.safetensors"), "--to", "timm"]) == 0
+    assert main(["info", str(tmp_path / "w.safetensors")]) == 2  # width 32: the head count must be named
+    assert "--model" in capsys.readouterr().err
+    avg = vitkit.create_model(ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=4, mlp_dim=64,
+                                        class_token=False, global_pool="avg"))
+    avg.save_pretrained(tmp_path / "avg")
+    assert main(["convert", str(tmp_path / "avg"), str(tmp_path / "out"), "--to", "hf"]) == 2
+    err = capsys.readouterr().err
+    assert "average pooling" in err and err.count("\n") == 1
+
+
+def test_hf_weights_missing_a_layer_key_are_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    hf_vit().save_pretrained(tmp_path / "hf")
+    state = load_file(tmp_path / "hf" / "model.safetensors")
+    del state["vit.encoder.layer.1.attention.attention.key.weight"]
+    save_file(state, str(tmp_path / "hf" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"hf.*vit\.encoder\.layer\.1\.attention\.attention\.key\.weight"):
+        vitkit.load_pretrained(tmp_path / "hf")

@@ -143,3 +143,24 @@ def test_timm_writer_refuses_what_timm_cannot_build(tmp_path):
     with pytest.raises(VitkitError, match="representation_size"):
         write_timm_state_dict(model, path=tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_cli_convert_timm_file_with_named_model(tmp_path, capsys):
+    from vitkit.cli import main
+
+    ref = timm_model(embed_dim=64, num_heads=2, patch_size=16, depth=1, num_classes=4)
+    path = save(ref.state_dict(), tmp_path / "w.pth")
+    # 64 is no standard width: the CLI asks for --model and says so in one line.
+    assert main(["convert", str(path), str(tmp_path / "out"), "--to", "vitkit"]) == 2
+    assert "model=" in capsys.readouterr().err
+    vitkit.variants.register_model("test_vit_w64", "vit_tiny_patch16_224", embed_dim=64, num_heads=2, depth=1,
+                                   mlp_dim=256)
+    try:
+        assert main(["convert", str(path), str(tmp_path / "out"), "--to", "vitkit", "--model", "test_vit_w64"]) == 0
+        assert main(["info", str(path), "--model", "test_vit_w64"]) == 0
+    finally:
+        vitkit.variants.EXTRA_MODELS.pop("test_vit_w64")
+    model = vitkit.load_pretrained(tmp_path / "out")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert (model(x) - ref(x)).abs().max() <= 1e-4
