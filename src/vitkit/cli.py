@@ -327,8 +327,61 @@ def _run_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------------------- pretrain
+def _add_pretrain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pretrain", help="self-supervised pre-training (MAE) on unlabelled images",
+                       description="Masked-autoencoder pre-training (He et al., 2021): the encoder sees 25%% of each "
+                                   "image's patches, a small decoder paints the rest. Writes OUT/last (the encoder, "
+                                   "for `vitkit train --init OUT`), OUT/reconstructions/*.png and OUT/metrics.jsonl.")
+    p.add_argument("--method", default="mae", choices=("mae",), help="pre-training method (default mae)")
+    p.add_argument("--model", required=True, help="variant name (vit_cifar, ViT-S/16, ...) or a load_pretrained "
+                                                  "source to continue from")
+    p.add_argument("--data", help="image folder or archive (labels ignored); default: the built-in CIFAR-10 sample")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1.5e-4, help="base LR per 256 images (scaled with --batch-size)")
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--warmup-epochs", type=int, default=5)
+    p.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of patches hidden per image")
+    p.add_argument("--decoder-dim", type=int, default=128)
+    p.add_argument("--decoder-depth", type=int, default=4)
+    p.add_argument("--decoder-heads", type=int, default=4)
+    p.add_argument("--patch-size", type=int, help="patch size in pixels (fresh models only)")
+    p.add_argument("--img-size", type=int, help="input size in pixels; default: the model's")
+    p.add_argument("--max-train", type=int, help="use a random subset of this many training images")
+    p.add_argument("--device", help="cpu, cuda, cuda:1; default: a GPU if there is one")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_run_pretrain)
+
+
+def _run_pretrain(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .mae import pretrain_mae
+    from .variants import resolve
+
+    overrides = {k: v for k, v in (("patch_size", args.patch_size), ("img_size", args.img_size)) if v is not None}
+    if Path(args.model).exists():
+        if overrides:
+            raise VitkitError("--patch-size/--img-size apply to fresh models, not to --model " + args.model)
+        model = _model_from(args.model)
+    else:
+        try:
+            model = resolve(args.model).replace(num_classes=0, **overrides)
+        except ValueError as error:
+            raise VitkitError(f"--model: {error}") from None
+    result = pretrain_mae(model=model, out=args.out, data=args.data, epochs=args.epochs, batch_size=args.batch_size,
+                          lr=args.lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
+                          mask_ratio=args.mask_ratio, decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth,
+                          decoder_heads=args.decoder_heads, device=args.device, seed=args.seed,
+                          max_train=args.max_train)
+    print(f"encoder: {result.run_dir / 'last'}  (fine-tune: vitkit train --init {result.run_dir} ...)")
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------------------- main
-_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_info, _add_convert, _add_train, _add_bench, _add_export, _add_explain, _add_eval, _add_predict]
+_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_info, _add_convert, _add_train, _add_bench, _add_export, _add_explain, _add_eval, _add_predict, _add_pretrain]
 
 
 def build_parser() -> argparse.ArgumentParser:
