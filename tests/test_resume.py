@@ -1,0 +1,112 @@
+"""--resume continues exactly where a run stopped: same final weights as an uninterrupted run."""
+
+import json
+
+import pytest
+import torch
+
+import vitkit.train as train_module
+from vitkit.errors import VitkitError
+from vitkit.pretrained import WEIGHTS_FILE
+from vitkit.train import TrainConfig, read_metrics, train
+from vitkit.weights import read_state_dict
+
+from test_train import make_shapes, tiny_config
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return make_shapes(tmp_path_factory.mktemp("shapes"), per_class=24, val_per_class=6)
+
+
+# Everything with randomness or state of its own: augmentation, mixup/cutmix (seeded per step),
+# stochastic depth (the global RNG), EMA, label smoothing, gradient clipping.
+RECIPE = dict(epochs=3, batch_size=16, augment="trivialaugment", mixup=0.8, cutmix=1.0, drop_path=0.2, ema=0.9,
+              clip_grad=1.0, random_erasing=0.25, checkpoint_every=2)
+
+
+class Interrupt(BaseException):
+    """Stands in for a crash: not an Exception, so nothing in the loop may swallow it."""
+
+
+def interrupted(monkeypatch, at_step: int):
+    """Make the run die when it is about to schedule optimiser step `at_step` (0-based)."""
+    real = train_module.lr_at
+
+    def lr_at(step, **kw):
+        if step == at_step:
+            raise Interrupt
+        return real(step, **kw)
+
+    monkeypatch.setattr(train_module, "lr_at", lr_at)
+
+
+def weights(run, tag="last"):
+    return read_state_dict(run / tag / WEIGHTS_FILE)
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0, msg=key)
+
+
+@pytest.fixture(scope="module")
+def reference(shapes, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    summary = train(tiny_config(shapes, out, **RECIPE))
+    return out, summary
+
+
+@pytest.mark.parametrize("at_step", [5, 8])  # mid-epoch (after the step-4 save), and at an epoch boundary
+def test_resume_gives_the_uninterrupted_weights(shapes, tmp_path, monkeypatch, reference, at_step):
+    ref_dir, ref_summary = reference
+    assert ref_summary["steps"] == 12  # 72 images / 16 = 4 steps per epoch, 3 epochs
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        interrupted(patch, at_step)
+        with pytest.raises(Interrupt):
+            train(tiny_config(shapes, out, **RECIPE))
+    state = torch.load(out / "last" / "train_state.pt", weights_only=True)
+    assert state["progress"]["step"] == (4 if at_step == 5 else 8)
+    summary = train(TrainConfig(resume=str(out), progress=False))
+    assert summary["steps"] == 12
+    assert_same(weights(out), weights(ref_dir))
+    assert_same(weights(out, "best"), weights(ref_dir, "best"))  # the EMA weights
+    # The metrics read as one run: each step once, the same losses as the reference.
+    steps = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "step"]
+    ref_steps = [r for r in read_metrics(ref_dir / "metrics.jsonl") if r["kind"] == "step"]
+    assert [r["step"] for r in steps] == list(range(1, 13))
+    assert [r["loss"] for r in steps] == pytest.approx([r["loss"] for r in ref_steps], abs=1e-6)
+
+
+def test_resume_refuses_another_model(shapes, tmp_path, reference):
+    ref_dir, _ = reference
+    with pytest.raises(VitkitError, match=r"trained with model='vit_cifar', not model='ViT-B/16'"):
+        train(TrainConfig(resume=str(ref_dir), model="ViT-B/16", progress=False))
+
+
+def test_resume_of_a_checkpoint_that_does_not_fit(shapes, tmp_path, reference):
+    ref_dir, _ = reference
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(ref_dir, out)
+    config = json.loads((out / "config.json").read_text())
+    config["model_overrides"]["embed_dim"] = 64  # as if the weights came from another model
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(VitkitError) as error:
+        train(TrainConfig(resume=str(out), epochs=4, progress=False))
+    message = str(error.value)
+    assert str(out) in message and "'vit_cifar'" in message and "does not fit" in message
+
+
+def test_resume_needs_a_run_directory(tmp_path):
+    with pytest.raises(VitkitError, match="not a training run directory"):
+        train(TrainConfig(resume=str(tmp_path), progress=False))
+
+
+def test_out_refuses_to_overwrite_a_run(shapes, reference):
+    ref_dir, _ = reference
+    with pytest.raises(VitkitError, match="--resume"):
+        train(tiny_config(shapes, ref_dir, epochs=1))
