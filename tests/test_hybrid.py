@@ -143,3 +143,22 @@ def test_load_pretrained_reads_timm_hybrid_files(name, tmp_path):
     x = torch.randn(1, 3, img, img)
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x), atol=1e-4, rtol=1e-4)
+
+
+def test_npz_round_trip_through_timms_own_jax_loader(tmp_path):
+    # vitkit writes the JAX layout; timm's _load_weights (the reference reader of the original
+    # hybrid .npz files) and vitkit's reader must both rebuild the same model from it.
+    from timm.models.vision_transformer import _load_weights
+
+    from vitkit.convert.jax_npz import write_npz
+
+    model = _randomize(create_model(ViTConfig(img_size=32, hybrid_stem=TINY_SPEC, **TINY))).eval()
+    write_npz(model, path=tmp_path / "r.npz")
+    ref = _timm_tiny_hybrid(32).eval()
+    _load_weights(ref, str(tmp_path / "r.npz"))
+    loaded = vitkit.load_pretrained(tmp_path / "r.npz", model=model.config)
+    assert loaded.config.hybrid_stem == TINY_SPEC
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ref(x), model(x), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(loaded(x), model(x), atol=1e-4, rtol=1e-4)
