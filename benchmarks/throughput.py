@@ -44,11 +44,11 @@ del ref_model, fast
 
 CONFIGS = [
     dict(model="ViT-B/16", batch_size=256, compile=True),
-    dict(model="ViT-B/16", batch_size=256, compile=False),
-    dict(model="ViT-S/16", batch_size=256, compile=True, peers=["timm"]),
     dict(model="ViT-L/16", batch_size=256, compile=True, peers=["timm"], grad_checkpointing=True, modes=["train"]),
-    dict(model="ViT-L/16", batch_size=256, compile=True, peers=["timm"], modes=["infer"]),
+    dict(model="ViT-S/16", batch_size=256, compile=True, peers=["timm"]),
+    dict(model="ViT-B/16", batch_size=256, compile=False),
     dict(model="ViT-B/16", batch_size=256, compile=True, peers=[], sdpa_backend="default"),
+    dict(model="ViT-L/16", batch_size=256, compile=True, peers=["timm"], modes=["infer"]),
     dict(model="ViT-B/16", batch_size=8, compile=True, peers=["timm"], modes=["infer"], compile_mode="reduce-overhead"),
 ]
 tables = []

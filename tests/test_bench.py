@@ -81,3 +81,14 @@ def test_bad_arguments_are_one_line_errors(capsys):
     assert "--batch-size" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["bench", "nonsense"])
+
+
+def test_onnxruntime_peer_runs_the_exported_model_for_inference_only(capsys):
+    rows = benchmark_throughput(model="tiny", config=TINY, batch_size=2, precision="fp32",
+                                peers=["onnxruntime"], **QUICK)
+    assert [(r["impl"], r["mode"]) for r in rows] == [("vitkit", "infer"), ("onnxruntime", "infer"), ("vitkit", "train")]
+    assert rows[1]["img_per_s"] > 0 and set(rows[0]["ratios"]) == {"onnxruntime"} and rows[2]["ratios"] == {}
+    rows = benchmark_throughput(model="tiny", config=TINY, batch_size=2, precision="bf16", peers=["onnxruntime"],
+                                modes=["infer"], **QUICK)
+    assert [r["impl"] for r in rows] == ["vitkit"]
+    assert "skipping onnxruntime: measured on the CPU in fp32 only" in capsys.readouterr().out

@@ -29,7 +29,7 @@ from .config import ViTConfig
 from .errors import VitkitError
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-PEERS = ("timm", "hf")
+PEERS = ("timm", "hf", "onnxruntime")  # onnxruntime: vitkit exported to ONNX, CPU fp32 inference
 MODES = ("infer", "train")
 FIELDS = ("impl", "mode", "model", "batch_size", "img_size", "precision", "compile", "device",
           "img_per_s", "step_ms", "mfu", "peak_mem_gb", "levers", "ratios")
@@ -68,9 +68,9 @@ def time_steps(step: Callable[[], object], *, device: torch.device, steps: int, 
 def measure_matmul_tflops(*, device: torch.device | str, size: int | None = None, repeats: int = 5) -> float:
     """The device's dense bf16 matmul rate in TFLOP/s: an (n x n) @ (n x n) product on random
     data (zeros run faster than real data), median of `repeats`. n defaults to 8192 on a GPU,
-    512 on the CPU."""
+    1024 on the CPU."""
     device = torch.device(device)
-    n = size or (8192 if device.type == "cuda" else 512)
+    n = size or (8192 if device.type == "cuda" else 1024)
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     steps = 10 if device.type == "cuda" else 2
@@ -193,7 +193,7 @@ def _measure(*, impl: str, build: Callable[[], nn.Module], mode: str, config: Vi
 
 
 def benchmark_throughput(*, model: str, batch_size: int = 64, precision: str = "bf16", compile: bool = False,
-                         compile_mode: str = "default", peers: Sequence[str] = PEERS,
+                         compile_mode: str = "default", peers: Sequence[str] = ("timm", "hf"),
                          img_size: int | None = None, device: str | None = None, steps: int = 10,
                          repeats: int = 5, warmup: int = 3, modes: Sequence[str] = MODES,
                          sdpa_backend: str = "auto", grad_checkpointing: bool = False,
@@ -246,11 +246,15 @@ def benchmark_throughput(*, model: str, batch_size: int = 64, precision: str = "
     skipped = {}
     for peer in peers:
         try:
-            __import__({"timm": "timm", "hf": "transformers"}[peer])
+            __import__({"timm": "timm", "hf": "transformers", "onnxruntime": "onnxruntime"}[peer])
         except ImportError as error:
             skipped[peer] = f"not installed ({error})"
             continue
-        builders[peer] = {"timm": lambda: build_timm(config), "hf": lambda: build_hf(config)}[peer]
+        if peer == "onnxruntime" and (dev.type != "cpu" or precision != "fp32"):
+            skipped[peer] = "measured on the CPU in fp32 only"
+            continue
+        builders[peer] = {"timm": lambda: build_timm(config), "hf": lambda: build_hf(config),
+                          "onnxruntime": lambda: VisionTransformer(config)}[peer]
     for peer, why in skipped.items():
         print(f"bench: skipping {peer}: {why}")
 
@@ -260,7 +264,10 @@ def benchmark_throughput(*, model: str, batch_size: int = 64, precision: str = "
     for mode in modes:
         for impl, build in builders.items():
             torch.manual_seed(0)
-            row = _measure(impl=impl, build=build, mode=mode, config=config, batch_size=batch_size, dtype=dtype,
+            if impl == "onnxruntime" and mode != "infer":
+                continue  # an inference runtime: no training step
+            measure = _measure_onnxruntime if impl == "onnxruntime" else _measure
+            row = measure(impl=impl, build=build, mode=mode, config=config, batch_size=batch_size, dtype=dtype,
                            device=dev, compile=compile, compile_mode=compile_mode,
                            grad_checkpointing=grad_checkpointing, sdpa_backend=sdpa_backend, steps=steps,
                            repeats=repeats, warmup=warmup)
@@ -275,6 +282,29 @@ def benchmark_throughput(*, model: str, batch_size: int = 64, precision: str = "
         for r in rows:
             r.setdefault("ratios", {})
     return [{k: r[k] for k in FIELDS + ("matmul_tflops",)} for r in rows]
+
+
+def _measure_onnxruntime(*, build: Callable[[], nn.Module], config: ViTConfig, batch_size: int, steps: int,
+                         repeats: int, warmup: int, **_: object) -> dict:
+    """vitkit's model exported by `vitkit.export` and run by onnxruntime on the CPU, with as many
+    threads as torch uses, so the two runtimes get the same cores."""
+    import tempfile
+
+    import onnxruntime
+
+    from .export import export_model
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = export_model(build(), format="onnx", out=f"{folder}/model.onnx").path
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    x = torch.randn(batch_size, config.in_chans, *config.img_size).numpy()
+    name = session.get_inputs()[0].name
+    seconds = statistics.median(time_steps(lambda: session.run(None, {name: x}), device=torch.device("cpu"),
+                                           steps=steps, repeats=repeats, warmup=warmup))
+    return {"impl": "onnxruntime", "mode": "infer", "step_ms": seconds * 1e3, "img_per_s": batch_size / seconds,
+            "peak_mem_gb": None, "levers": "-"}
 
 
 def _device_name(device: torch.device) -> str:
