@@ -79,6 +79,17 @@ def block_count(keys: Any, pattern_prefix: str) -> int:
     return len(indices)
 
 
+def patch_fields(weight: Any, fields: dict[str, Any], *, key: str, source: str) -> int:
+    """Width, patch size and (for a plain stem) channels from the patch projection (D, C, P, Q);
+    returns D."""
+    if weight.ndim != 4:
+        raise CheckpointError(source, f"{key} has {weight.ndim} dimensions, expected 4 (a patch convolution)")
+    fields.update(embed_dim=int(weight.shape[0]), patch_size=(int(weight.shape[2]), int(weight.shape[3])))
+    if "hybrid_stem" not in fields:
+        fields["in_chans"] = int(weight.shape[1])
+    return int(weight.shape[0])
+
+
 def square_grid(num_patches: int) -> int | None:
     side = int(round(num_patches ** 0.5))
     return side if side * side == num_patches and side > 0 else None

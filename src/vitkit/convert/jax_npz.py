@@ -23,7 +23,7 @@ from torch import Tensor
 from ..config import ViTConfig
 from ..errors import CheckpointError
 from ..weights import atomic_write, read_npz
-from . import STEM_READERS, KeyTracker, block_count, refuse, square_grid
+from . import STEM_READERS, KeyTracker, block_count, patch_fields, refuse, square_grid
 
 _PREFIXES = ("opt/target/", "params/", "")
 # Sub-module names of an encoder block: (norm1, attention, norm2, mlp) per layout.
@@ -65,13 +65,9 @@ def read_npz_checkpoint(path: str | Path, *, base: ViTConfig | None = None
         return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
 
     kernel = take("embedding/kernel")  # (P, Q, C, D), HWIO
-    if kernel.ndim != 4:
-        raise CheckpointError(path, f"{p}embedding/kernel has shape {kernel.shape}, expected (P, Q, C, D)")
-    D = kernel.shape[3]
-    fields.update(embed_dim=D, patch_size=(kernel.shape[0], kernel.shape[1]))
-    if "hybrid_stem" not in fields:
-        fields["in_chans"] = kernel.shape[2]
-    out["patch_embed.proj.weight"] = tensor(kernel.transpose(3, 2, 0, 1))  # (D, C, P, Q)
+    conv = kernel.transpose(3, 2, 0, 1) if kernel.ndim == 4 else kernel  # (D, C, P, Q)
+    D = patch_fields(conv, fields, key=f"{p}embedding/kernel", source=source)
+    out["patch_embed.proj.weight"] = tensor(conv)
     out["patch_embed.proj.bias"] = tensor(take("embedding/bias"))
 
     stacked = f"{p}Transformer/encoderblock/LayerNorm_0/scale" in arrays

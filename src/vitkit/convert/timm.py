@@ -17,7 +17,7 @@ from ..config import ViTConfig
 from ..errors import CheckpointError, VitkitError
 from ..variants import heads_for_width
 from ..weights import atomic_write
-from . import STEM_READERS, KeyTracker, block_count, refuse, square_grid
+from . import STEM_READERS, KeyTracker, block_count, patch_fields, refuse, square_grid
 
 # Keys of timm models that vitkit does not build, with the reason given to the user.
 _UNSUPPORTED_PREFIXES = {
@@ -46,13 +46,7 @@ def read_timm_state_dict(state: dict[str, Tensor], *, base: ViTConfig | None, so
     if keys.has_prefix("patch_embed.backbone."):
         fields["hybrid_stem"] = _read_stem(keys, fields)
     stem_keys = set(keys.used)  # renamed by the stem reader into keys.out
-    proj = keys.take("patch_embed.proj.weight")  # (D, C, P, Q)
-    if proj.ndim != 4:
-        raise CheckpointError(source, f"patch_embed.proj.weight has shape {tuple(proj.shape)}, expected (D, C, P, Q)")
-    D = proj.shape[0]
-    fields.update(embed_dim=D, patch_size=(proj.shape[2], proj.shape[3]))
-    if "hybrid_stem" not in fields:
-        fields["in_chans"] = proj.shape[1]
+    D = patch_fields(keys.take("patch_embed.proj.weight"), fields, key="patch_embed.proj.weight", source=source)
     try:
         depth = block_count(state, "blocks.")
     except ValueError as error:
