@@ -132,17 +132,17 @@ def test_torchvision_teacher_is_frozen_and_loads_weights_safely(tmp_path):
 
     net = torchvision.models.resnet18(num_classes=4).eval()
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp_path / "r18.safetensors")
-    teacher = load_teacher("torchvision:resnet18", num_classes=4, weights=tmp_path / "r18.safetensors")
+    teacher = load_teacher(f"torchvision:resnet18@{tmp_path / 'r18.safetensors'}", num_classes=4)
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(teacher(x), net(x))
     with pytest.raises(vitkit.VitkitError, match="fc.weight"):
-        load_teacher("torchvision:resnet18", num_classes=10, weights=tmp_path / "r18.safetensors")
-    with pytest.raises(vitkit.VitkitError, match="--teacher-weights"):
+        load_teacher(f"torchvision:resnet18@{tmp_path / 'r18.safetensors'}", num_classes=10)
+    with pytest.raises(vitkit.VitkitError, match="resnet18@FILE"):
         load_teacher("torchvision:resnet18", num_classes=4)
     with pytest.raises(vitkit.VitkitError, match="not a torchvision model"):
-        load_teacher("torchvision:resnet1800", num_classes=4, weights=tmp_path / "r18.safetensors")
+        load_teacher(f"torchvision:resnet1800@{tmp_path / 'r18.safetensors'}", num_classes=4)
 
 
 def test_vitkit_teacher(tmp_path):

@@ -6,8 +6,8 @@ whose output goes to its own head (`head_dist`). In training, the class head lea
 and the distillation head from the teacher (`distillation_loss`, the paper's Eq. 2 and 3); at
 inference the two heads' softmax inputs are averaged (`VisionTransformer.forward`, Sec. 4).
 
-The teacher is any model vitkit can load, or a torchvision CNN (`torchvision:regnety_016`, the
-paper's best teachers are RegNets) with a weights file. It sees the student's input batch as it is,
+The teacher is any model vitkit can load, or a torchvision CNN with a weights file
+(`torchvision:regnet_y_16gf@FILE`; the paper's best teachers are RegNets). It sees the student's input batch as it is,
 so it must expect the same normalisation (the student's `preprocessing`).
 """
 
@@ -27,21 +27,20 @@ KINDS = ("soft", "hard")
 
 
 def load_teacher(source: str | Path, *, num_classes: int, device: str | torch.device = "cpu",
-                 weights: str | Path | None = None, model: str | None = None) -> nn.Module:
+                 model: str | None = None) -> nn.Module:
     """A frozen teacher in eval mode on `device`, mapping images (B, 3, H, W) to logits (B, num_classes).
 
-    source: `torchvision:NAME` (a torchvision classification model, e.g. `torchvision:resnet18`,
-        whose weights come from `weights`, a state-dict file read without running code), or anything
-        `vitkit.load_pretrained` reads (a vitkit directory, a training run, a timm file, ...).
+    source: `torchvision:NAME@FILE` (a torchvision classification model, e.g.
+        `torchvision:resnet18@teacher.safetensors`, its weights a state-dict file read without
+        running code), or anything `vitkit.load_pretrained` reads (a vitkit directory, a run, ...).
     model: the variant name, for weight files that cannot say the whole architecture.
     Raises VitkitError if the teacher cannot be built or predicts another number of classes.
     """
     text = str(source)
     if text.startswith("torchvision:"):
-        teacher = _torchvision_teacher(text.removeprefix("torchvision:"), num_classes=num_classes, weights=weights)
+        name, _, weights = text.removeprefix("torchvision:").partition("@")
+        teacher = _torchvision_teacher(name, num_classes=num_classes, weights=weights or None)
     else:
-        if weights is not None:
-            raise VitkitError(f"--teacher-weights is for torchvision: teachers; {text} holds its own weights")
         from .pretrained import load_pretrained
 
         teacher = load_pretrained(source, model=model)
@@ -61,8 +60,8 @@ def _torchvision_teacher(name: str, *, num_classes: int, weights: str | Path | N
     from .weights import read_state_dict
 
     if weights is None:
-        raise VitkitError(f"torchvision:{name}: a teacher needs trained weights; pass its state-dict file "
-                          "(--teacher-weights FILE)")
+        raise VitkitError(f"torchvision:{name}: a teacher needs trained weights; name its state-dict file "
+                          f"as torchvision:{name}@FILE")
     try:
         teacher = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
     except (ValueError, KeyError) as error:
