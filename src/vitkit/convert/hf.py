@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..config import Preprocessing, ViTConfig
-from ..errors import CheckpointError, VitkitError
+from ..errors import CheckpointError
 from ..weights import atomic_write, read_state_dict
 from . import KeyTracker, as_float, block_count, refuse
 
