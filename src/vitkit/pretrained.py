@@ -110,7 +110,7 @@ def read_checkpoint(source: str | Path, *, base: ViTConfig | None = None) -> tup
     if path.suffix.lower() == ".npz":
         from .convert.jax_npz import read_npz_checkpoint
 
-        return read_npz_checkpoint(path)
+        return read_npz_checkpoint(path, base=base)
     state = read_state_dict(path)
     from .convert.timm import read_timm_state_dict
 
