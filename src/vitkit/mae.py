@@ -227,7 +227,8 @@ def pretrain_mae(*, model: str | ViTConfig | VisionTransformer, out: str | Path,
     lr: the base LR per 256 images, scaled linearly with batch_size (MAE's rule; 1.5e-4 is theirs).
     Writes to `out`: last/ (the encoder as a vitkit model without a head, plus train_state.pt with
     the decoder and optimiser), reconstructions/epoch_NNN.png (original | masked | reconstruction,
-    `draw` validation images), and metrics.jsonl (one line per epoch).
+    `draw` validation images; the first, every tenth of the run and the last epoch), and
+    metrics.jsonl (one line per epoch).
     """
     from .checkpoint import save_checkpoint
     from .data import build_data
@@ -280,9 +281,11 @@ def pretrain_mae(*, model: str | ViTConfig | VisionTransformer, out: str | Path,
             total, count, step = total + loss.item(), count + 1, step + 1
         result.train_loss.append(total / max(count, 1))
         result.val_loss.append(_val_loss(mae, val_images, batch_size=batch_size, seed=seed))
-        figure = draw_reconstructions(mae, val_images[:draw], path=run_dir / "reconstructions" / f"epoch_{epoch + 1:03d}.png",
-                                      mean=bundle.preprocessing.mean, std=bundle.preprocessing.std, seed=seed)
-        result.figures.append(figure)
+        # About ten figures per run: the first epoch, every tenth of the run, and the last.
+        if epoch == 0 or epoch == epochs - 1 or (epoch + 1) % max(1, epochs // 10) == 0:
+            result.figures.append(draw_reconstructions(
+                mae, val_images[:draw], path=run_dir / "reconstructions" / f"epoch_{epoch + 1:03d}.png",
+                mean=bundle.preprocessing.mean, std=bundle.preprocessing.std, seed=seed))
         record = {"epoch": epoch + 1, "train_loss": result.train_loss[-1], "val_loss": result.val_loss[-1],
                   "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - started, 2)}
         with open(run_dir / "metrics.jsonl", "a") as handle:
@@ -293,7 +296,7 @@ def pretrain_mae(*, model: str | ViTConfig | VisionTransformer, out: str | Path,
         save_checkpoint(run_dir, tag="last", model=encoder, train_state=state)
         if log:
             print(f"epoch {epoch + 1}/{epochs}  train loss {record['train_loss']:.4f}  val loss "
-                  f"{record['val_loss']:.4f}  {record['seconds']:.1f}s  -> {figure}", flush=True)
+                  f"{record['val_loss']:.4f}  {record['seconds']:.1f}s", flush=True)
     return result
 
 
