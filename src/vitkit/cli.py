@@ -197,8 +197,60 @@ def _run_bench_throughput(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_bench_cifar10(kinds: argparse._SubParsersAction) -> None:
+    p = kinds.add_parser("cifar10", help="time to accuracy: train a small ViT on CIFAR-10, test accuracy per epoch",
+                         description="Train a small ViT from scratch on the CIFAR-10 JPEG archive and print the test "
+                                     "accuracy after every epoch against the seconds of training (compile excluded).")
+    p.add_argument("--data", help="cifar10-jpeg.tar.gz (default: ../shared/data/ or .data/)")
+    p.add_argument("--model", default="vit_cifar_conv", help="a registered model name (default %(default)s)")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--time-budget", type=float, metavar="S", help="seconds of training; sets --epochs from the step time")
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--warmup-epochs", type=float, default=2.0)
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--drop-path", type=float, default=0.0)
+    p.add_argument("--no-tta", action="store_true", help="no test-time flip averaging")
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                   help="ViTConfig override, e.g. --set depth=4 --set 'hybrid_stem={...}'")
+    p.add_argument("--engine", choices=("benchmark", "library"), default="benchmark",
+                   help="the stripped fast loop (default) or vitkit.train.train")
+    p.add_argument("--max-train", type=int, help="a random subset of this many training images (smoke runs)")
+    p.add_argument("--workers", type=int, default=0, help="decoding threads (0: one per core)")
+    p.add_argument("--device", help="cuda, cpu (default: cuda if available)")
+    p.add_argument("--json", help="append the result as one JSON line to this file")
+    p.set_defaults(run=_run_bench_cifar10)
+
+
+def _run_bench_cifar10(args: argparse.Namespace) -> int:
+    import json
+
+    from .time_to_accuracy import Recipe, run_cifar10
+
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            raise VitkitError(f"--set {item!r}: expected KEY=JSON, e.g. depth=4") from None
+    recipe = Recipe(model=args.model, epochs=args.epochs, time_budget=args.time_budget, batch_size=args.batch_size,
+                    lr=args.lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
+                    label_smoothing=args.label_smoothing, drop_path=args.drop_path, tta=not args.no_tta,
+                    compile=not args.no_compile, seed=args.seed, overrides=overrides)
+    result = run_cifar10(recipe=recipe, data=args.data, engine=args.engine, device=args.device,
+                         max_train=args.max_train, workers=args.workers, log=lambda line: print(line, flush=True))
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps(result) + "\n")
+    return EXIT_OK
+
+
 # `vitkit bench KIND`: append an `_add_bench_<kind>(kinds)` here to add a benchmark.
-_BENCH_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_bench_throughput]
+_BENCH_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_bench_throughput, _add_bench_cifar10]
 
 
 # ---------------------------------------------------------------------------- export
