@@ -320,11 +320,11 @@ def format_table(rows: Sequence[dict]) -> str:
     first = rows[0]
     lines = [f"{first['model']}  batch {first['batch_size']}  {first['img_size']} px  {first['precision']}  "
              f"{first['compile']}  on {first['device']}  (bf16 matmul {first['matmul_tflops']:.1f} TFLOP/s)",
-             f"{'impl':<8} {'mode':<6} {'img/s':>10} {'step ms':>9} {'MFU':>6} {'peak GB':>8}  {'vs peers':<24} levers"]
+             f"{'impl':<11} {'mode':<6} {'img/s':>10} {'step ms':>9} {'MFU':>6} {'peak GB':>8}  {'vs peers':<24} levers"]
     for r in rows:
         ratios = " ".join(f"{k}={v:.2f}x" for k, v in r["ratios"].items()) or "-"
         peak = f"{r['peak_mem_gb']:.2f}" if r["peak_mem_gb"] is not None else "-"
-        lines.append(f"{r['impl']:<8} {r['mode']:<6} {r['img_per_s']:>10.1f} {r['step_ms']:>9.2f} "
+        lines.append(f"{r['impl']:<11} {r['mode']:<6} {r['img_per_s']:>10.1f} {r['step_ms']:>9.2f} "
                      f"{r['mfu'] * 100:>5.1f}% {peak:>8}  {ratios:<24} {r['levers']}")
     return "\n".join(lines)
 
