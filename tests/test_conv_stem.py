@@ -74,7 +74,7 @@ def test_registered_small_image_models_train_at_tiny_size(name):
     assert config.img_size == (32, 32) and config.num_classes == 10 and config.grid_size == (8, 8)
     small = {"embed_dim": 32, "num_heads": 2, "mlp_dim": 32, "depth": 1}
     if config.hybrid_stem:
-        small["hybrid_stem"] = {**config.hybrid_stem, "channels": [8, 8, 16]}
+        small["hybrid_stem"] = {**config.hybrid_stem, "channels": [8] * len(config.hybrid_stem["channels"])}
     model = randomize(create_model(name, **small)).train()  # a zero head would pass no gradient back
     x = torch.randn(4, 3, 32, 32)
     loss = F.cross_entropy(model(x), torch.tensor([0, 1, 2, 3]))
