@@ -92,3 +92,16 @@ def test_onnxruntime_peer_runs_the_exported_model_for_inference_only(capsys):
                                 modes=["infer"], **QUICK)
     assert [r["impl"] for r in rows] == ["vitkit"]
     assert "skipping onnxruntime: measured on the CPU in fp32 only" in capsys.readouterr().out
+
+
+def test_a_failing_peer_loses_its_row_not_the_run(monkeypatch, capsys):
+    import vitkit.bench as bench
+
+    def broken(config):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(bench, "build_timm", broken)
+    rows = benchmark_throughput(model="tiny", config=TINY, batch_size=2, precision="fp32", peers=["timm", "hf"],
+                                modes=["infer"], **QUICK)
+    assert [r["impl"] for r in rows] == ["vitkit", "hf"] and set(rows[0]["ratios"]) == {"hf"}
+    assert "timm infer failed, no row: RuntimeError: CUDA out of memory" in capsys.readouterr().out

@@ -73,3 +73,10 @@ def test_export_cli_writes_a_checked_file(tmp_path, capsys, monkeypatch):
     assert main(["export", "tiny", "--format", "exported-program", "--out", str(out)]) == 0
     assert out.exists()
     assert "rel. error" in capsys.readouterr().out
+
+
+def test_report_says_when_zero_logits_made_the_check_vacuous(tmp_path):
+    fresh = VisionTransformer(ViTConfig(**TINY))  # the head starts at zero, as in the paper's code
+    assert "compared zeros" in str(export_model(fresh, format="torchscript", out=tmp_path / "m.pt"))
+    trained = randomize(VisionTransformer(ViTConfig(**TINY)))
+    assert "compared zeros" not in str(export_model(trained, format="torchscript", out=tmp_path / "n.pt"))
