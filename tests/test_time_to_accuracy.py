@@ -45,6 +45,15 @@ def test_benchmark_learns_and_reports_each_epoch(archive):
     assert result["time_to"]["0.9"] is not None and result["time_to"]["0.9"] <= result["train_s"]
 
 
+def test_time_budget_sets_epochs_from_the_first_epoch(archive):
+    recipe = Recipe(model="vit_cifar_conv", time_budget=3.0, batch_size=32, compile=False, tta=False, overrides=TINY)
+    result = run_cifar10(recipe=recipe, data=archive, device="cpu", workers=1, log=lambda line: None)
+    first = result["history"][0]["train_s"]
+    assert len(result["history"]) == result["epochs"]
+    # The number of epochs is the budget over the measured first epoch (train_s is rounded to 10 ms).
+    assert max(1, int(3.0 / ((first + 0.005) * 1.02))) <= result["epochs"] <= max(1, int(3.0 / (max(first - 0.005, 1e-3) * 1.02)))
+
+
 def test_cli_writes_json_and_rejects_bad_input(archive, tmp_path, capsys):
     out = tmp_path / "r.jsonl"
     code = main(["bench", "cifar10", "--data", str(archive), "--epochs", "1", "--batch-size", "32", "--no-compile",

@@ -126,8 +126,8 @@ def train_to_accuracy(*, data, recipe: Recipe, log=print) -> dict:
     optimizer = build_optimizer(model, lr=recipe.lr, weight_decay=recipe.weight_decay)
     total = epochs * steps_per_epoch
     warmup = round(recipe.warmup_epochs * steps_per_epoch)
-    history, train_s, global_step = [], 0.0, 0
-    for epoch in range(epochs):
+    history, train_s, global_step, epoch = [], 0.0, 0, 0
+    while epoch < epochs:
         _sync(device)
         t_epoch = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
@@ -143,6 +143,15 @@ def train_to_accuracy(*, data, recipe: Recipe, log=print) -> dict:
         history.append(row)
         log(f"epoch {row['epoch']:3d}  train {row['train_s']:7.2f}s  loss {row['train_loss']:.4f}  "
             f"test {100 * accuracy:5.2f}%")
+        epoch += 1
+        if recipe.time_budget and epoch == 1:
+            # The warm-up's step time ran ~30% fast on the H100 (run C in RESULTS.md); a whole real
+            # epoch is the better estimate. Only the length of the LR decay changes, which has not
+            # begun yet when the LR warm-up lasts at least an epoch.
+            refit = max(1, int(recipe.time_budget / (train_s * 1.02)))
+            if refit != epochs:
+                log(f"# first epoch took {train_s:.2f}s: {refit} epochs fit the {recipe.time_budget:.0f}s budget")
+            epochs, total = refit, refit * steps_per_epoch
     return {"recipe": asdict(recipe), "engine": "benchmark", "epochs": epochs, "params_m": round(params / 1e6, 3),
             "warmup_compile_s": round(warmup_s, 1), "step_ms": round(step_s * 1e3, 2), **_summary(history)}
 
