@@ -404,8 +404,8 @@ def evaluate(model: nn.Module, loader, *, device: torch.device, precision: str, 
     model.eval()
     totals = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, correct, count
     for images, labels in loader.iterate(0):
-        if labels.numel() == 0:
-            continue
+        # A rank whose share of the last batch is empty still runs the forward pass: under FSDP
+        # every rank must join each layer's all-gather.
         with _autocast(device, precision):
             logits = model(images)
         totals[0] += F.cross_entropy(logits.float(), labels, reduction="sum").double()

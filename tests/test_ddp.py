@@ -1,0 +1,93 @@
+"""Several processes (gloo on CPU): DDP and FSDP2 follow the 1-process run's loss curve."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from vitkit.pretrained import WEIGHTS_FILE
+from vitkit.train import TrainConfig, read_metrics, train
+from vitkit.weights import read_state_dict
+
+from test_train import make_shapes, tiny_config
+
+# Same global batch and seed; no augmentation, dropout or mixup, so only the float summation
+# order differs between one process and two.
+SAME = dict(epochs=2, batch_size=16, augment="none", label_smoothing=0.0, drop_path=0.0, warmup_epochs=0.5)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return make_shapes(tmp_path_factory.mktemp("shapes"), per_class=16, val_per_class=6)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Stop(BaseException):
+    pass
+
+
+def _worker(rank: int, world: int, port: int, config: TrainConfig, stop_at: int | None) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    if stop_at is not None:  # both ranks stop before the same step, as a crash of the job would
+        import vitkit.train as train_module
+
+        real = train_module.lr_at
+
+        def lr_at(step, **kw):
+            if step == stop_at:
+                raise _Stop
+            return real(step, **kw)
+
+        train_module.lr_at = lr_at
+    try:
+        train(config)
+    except _Stop:
+        pass
+
+
+def _run_two(config: TrainConfig, stop_at: int | None = None) -> None:
+    mp.start_processes(_worker, args=(2, _free_port(), config, stop_at), nprocs=2, join=True, start_method="spawn")
+
+
+def _losses(run):
+    return [r["loss"] for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "step"]
+
+
+@pytest.fixture(scope="module")
+def single(shapes, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one") / "run"
+    train(tiny_config(shapes, out, **SAME))
+    return out
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_processes_match_one(shapes, tmp_path, single, fsdp):
+    out = tmp_path / "two"
+    _run_two(tiny_config(shapes, out, fsdp=fsdp, **SAME))
+    one, two = _losses(single), _losses(out)
+    assert len(one) == len(two) == 6  # 48 images / 16 per step x 2 epochs
+    assert two == pytest.approx(one, abs=1e-5)
+    a = read_state_dict(single / "last" / WEIGHTS_FILE)
+    b = read_state_dict(out / "last" / WEIGHTS_FILE)  # under FSDP gathered from the shards
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4, msg=key)
+    state = torch.load(out / "last" / "train_state.pt", weights_only=True)
+    assert state["progress"]["step"] == 6 and len(state["optimizer"]["state"]) == len(a)
+
+
+def test_two_process_run_resumes_in_one_process(shapes, tmp_path, single):
+    """The checkpoint holds full (gathered) states keyed by name: any process count resumes it."""
+    out = tmp_path / "two"
+    _run_two(tiny_config(shapes, out, **SAME), stop_at=4)  # stops after epoch 1 (3 steps) + 1 step
+    assert torch.load(out / "last" / "train_state.pt", weights_only=True)["progress"]["step"] == 3
+    train(TrainConfig(resume=str(out), progress=False))
+    assert _losses(out) == pytest.approx(_losses(single), abs=1e-5)
