@@ -311,9 +311,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         description="Train a ViT on a folder or archive of images (DIR/train/<class>/*.jpg, DIR/val/...), or with no "
                     "--data on the embedded CIFAR-10 sample. Writes a run directory (config.json, metrics.jsonl, "
                     "plots, best/ and last/ checkpoints, summary.json). Unset options come from the recipe. "
-                    "Several GPUs: torchrun --nproc-per-node N -m vitkit train ...",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
+                    "Several GPUs: torchrun --nproc-per-node N -m vitkit train ...")
     g = p.add_argument_group("model and data")
     g.add_argument("--model", help="variant name (ViT-B/16, vit_base_patch16_224, base, vit_cifar, ...); "
                                    "default: the recipe's small-image ViT")
@@ -367,7 +365,6 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--distill-from", metavar="TEACHER",
                    help="DeiT distillation from this teacher (load_pretrained source or torchvision:NAME)")
     g.add_argument("--distill-type", choices=("hard", "soft"), help="DeiT's hard-label or soft (KL) distillation")
-    del a
     p.set_defaults(run=_run_train)
 
 
