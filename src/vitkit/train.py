@@ -115,15 +115,17 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     values = config.to_dict()
     values["recipe"] = recipe.name
     for key, value in recipe.values.items():
-        if key == "model" and (config.init or config.model):
+        if key in ("model", "model_overrides") and (config.init or config.model):
             continue  # the recipe's default model applies only when nothing names a model
         if values.get(key) is None:
             values[key] = value
-            if key == "model" and recipe.values.get("model_overrides"):
-                values["model_overrides"] = recipe.values["model_overrides"]
     for key, value in _FALLBACK.items():
         if values.get(key) is None:
             values[key] = value
+    if config.lr is None and config.model and not config.init and "model" in recipe.values:
+        # The recipe's LR suits its own small model; a model the user names (often far wider) gets
+        # DeiT's rule, 5e-4 per 512 images of effective batch, floored for small batches.
+        values["lr"] = max(5e-4 * values["batch_size"] * values["grad_accum"] / 512, 1e-4)
     resolved = TrainConfig(**values)
     if resolved.precision is not None and resolved.precision not in PRECISIONS:
         raise VitkitError(f"--precision {resolved.precision!r}: expected one of {', '.join(PRECISIONS)}")
