@@ -38,9 +38,10 @@ SMALL_HYBRID = dict(patch_size=2, embed_dim=128, depth=4, num_heads=4, mlp_dim=2
 _register(Recipe(
     name="cifar",
     summary="small images (32 px) from scratch: the default without --init",
-    command="vitkit train --recipe cifar",
-    result="see configs/cifar.md",
-    values=dict(model="vit_cifar_conv", model_overrides=SMALL_HYBRID, epochs=15, batch_size=128, lr=3e-3, min_lr=1e-5, weight_decay=0.05,
+    command="vitkit train   (no --data: the embedded 5,000-image CIFAR-10 sample)",
+    result="15 epochs: 47.3% test accuracy in 162 s on 2 CPU cores (518 img/s); 25 epochs on an H100 (fp32): "
+           "56.9% in 35 s. configs/cifar.md has the table",
+    values=dict(model="vit_cifar_conv", model_overrides=SMALL_HYBRID, epochs=20, batch_size=128, lr=3e-3, min_lr=1e-5, weight_decay=0.05,
                 warmup_epochs=1.0, label_smoothing=0.1, augment=None, mixup=0.0, cutmix=0.0,
                 random_erasing=0.0, drop_path=0.0, clip_grad=1.0, ema=None, layer_decay=None),
 ))
@@ -51,7 +52,8 @@ _register(Recipe(
     name="finetune",
     summary="fine-tune a pre-trained model (--init): low LR, short warmup, layer-wise LR decay",
     command="vitkit train --recipe finetune --init RUN_OR_CHECKPOINT --data DATA",
-    result="see configs/finetune.md",
+    result="only measured at toy scale so far (tests/test_train.py, shapes at 2x resolution: > 60% after "
+           "1 epoch); configs/finetune.md",
     values=dict(epochs=10, batch_size=64, lr=3e-4, min_lr=1e-6, weight_decay=0.05, warmup_epochs=0.5,
                 label_smoothing=0.1, augment=None, mixup=0.0, cutmix=0.0, random_erasing=0.0, drop_path=0.1,
                 clip_grad=1.0, ema=None, layer_decay=0.75),
