@@ -184,3 +184,20 @@ def test_bad_arguments_give_one_line_errors(tmp_path, capsys, shapes):
     assert "--recipe 'nope'" in err and "cifar" in err and len(err.splitlines()) == 1
     assert main(["train", "--model", "vit_bsae", "--data", str(shapes), "--out", str(tmp_path / "m")]) == 2
     assert "vit_bsae" in capsys.readouterr().err
+
+
+def test_distillation_from_a_trained_teacher(trained_run, shapes, tmp_path):
+    teacher_dir, teacher_summary = trained_run
+    out = tmp_path / "student"
+    summary = train(tiny_config(shapes, out, distill_from=str(teacher_dir / "best"), distill_type="hard", epochs=4))
+    student = vitkit.load_pretrained(out / "best")
+    assert student.config.distill_token and student.head_dist is not None
+    assert summary["best_val_acc"] >= 0.8  # the teacher scored >= 0.9; chance is 1/3
+
+
+def test_bf16_with_gradient_checkpointing_trains(shapes, tmp_path):
+    out = tmp_path / "bf16"
+    summary = train(tiny_config(shapes, out, precision="bf16", grad_checkpointing=True, epochs=4, ema=0.9))
+    assert summary["precision"] == "bf16" and summary["best_val_acc"] >= 0.6
+    losses = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "step"]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]

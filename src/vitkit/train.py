@@ -344,7 +344,9 @@ class _Distilled(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor] | Tensor:
+        if not self.training:  # evaluation: the two heads vote, as the plain forward does
+            return self.model(x)
         return self.model.forward_distilled(x)
 
 
