@@ -39,7 +39,7 @@ def _cli_args(data: Path, out: Path) -> list[str]:
 def _spawn(args: list[str]) -> subprocess.Popen:
     # vit_cifar's full width is too slow here: shrink it through the one override the CLI lacks.
     code = ("import sys, torch; torch.set_num_threads(1); import vitkit.train as t; "
-            "t.TrainConfig.__dataclass_fields__; from vitkit.cli import main; "
+            "from vitkit.cli import main; "
             "orig = t.resolve_config\n"
             "def small(c):\n"
             "    c.model_overrides = c.model_overrides or dict(embed_dim=32, depth=1, num_heads=2, mlp_dim=64)\n"

@@ -18,7 +18,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointSaveError, load_train_state, recover, save_checkpoint
+from .checkpoint import load_train_state, recover, save_checkpoint
 from .errors import CheckpointError, VitkitError
 from .mixup import mix_batch
 from .model import VisionTransformer
@@ -225,8 +225,6 @@ def _prepare_run(config: TrainConfig) -> tuple[TrainConfig, Path, dict[str, Any]
         for key, value in config.to_dict().items():
             if key in _RESUMABLE_CHANGES or value is None or value == getattr(saved, key):
                 continue
-            if key == "progress" or (key == "seed" and value == 0 and saved.seed == 0):
-                continue
             raise VitkitError(f"--resume {run_dir}: the run was trained with {key}={getattr(saved, key)!r}, "
                               f"not {key}={value!r}; start a new run (--out) to change it")
         for key in ("epochs", "device", "workers", "compile", "checkpoint_every", "progress"):
@@ -330,10 +328,7 @@ def _init_preprocessing(config: TrainConfig):
         return None
     from .pretrained import read_checkpoint
 
-    try:
-        _, _, extras = read_checkpoint(config.init)
-    except VitkitError:
-        raise
+    _, _, extras = read_checkpoint(config.init)
     return extras.get("preprocessing")
 
 
@@ -447,6 +442,16 @@ def _train(config: TrainConfig, dist: _Dist) -> dict[str, Any]:
     from .data import build_data
 
     cfg, run_dir, resume_state = _prepare_run(config)
+    if dist.world_size > 1:
+        import torch.distributed as tdist
+
+        # The default directory name holds a timestamp: every process takes rank 0's. The barrier
+        # keeps rank 0 from writing config.json before the others have checked --out is free.
+        name = [str(run_dir)]
+        tdist.broadcast_object_list(name, src=0)
+        run_dir = Path(name[0])
+        cfg.out = cfg.out if cfg.resume else name[0]
+        _barrier(dist)
     device = _device(cfg, dist)
     precision = cfg.precision or ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
     if cfg.batch_size % dist.world_size:
