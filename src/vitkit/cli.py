@@ -169,7 +169,7 @@ def _add_bench_throughput(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile every model (the same mode for all)")
     p.add_argument("--compile-mode", default="default",
                    choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
-    p.add_argument("--peers", default="timm,hf", help="comma list of timm, hf; '' for vitkit alone")
+    p.add_argument("--peers", default="timm,hf", help="comma list of timm, hf, onnxruntime (CPU fp32 inference); '' for vitkit alone")
     p.add_argument("--img-size", type=int, help="image side in pixels (default: the model's)")
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
