@@ -98,11 +98,12 @@ def test_run_directory_is_complete_and_loadable(trained_run, shapes):
     assert correct / total == pytest.approx(summary["best_val_acc"], abs=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="pretrained.read_checkpoint reads RUN/config.json (the training config) "
-                                       "before looking for RUN/best; the lead's loader needs to prefer best/")
 def test_load_pretrained_finds_best_in_run_dir(trained_run):
     out, _ = trained_run
-    vitkit.load_pretrained(out)
+    from_run = vitkit.load_pretrained(out).state_dict()
+    from_best = vitkit.load_pretrained(out / "best").state_dict()
+    assert from_run.keys() == from_best.keys()
+    assert all(torch.equal(from_run[k], from_best[k]) for k in from_run)
 
 
 def test_grad_accum_equals_bigger_batch(shapes, tmp_path):

@@ -90,8 +90,9 @@ def read_checkpoint(source: str | Path, *, base: ViTConfig | None = None) -> tup
         source = download_hf_hub(text.removeprefix("hf-hub:"))
     path = Path(source)
     if path.is_dir():
+        # A training run directory holds its own config.json (the run's settings) beside best/ and last/.
         best = next((path / sub for sub in ("best", "last") if (path / sub / CONFIG_FILE).is_file()), None)
-        if best is not None and not (path / CONFIG_FILE).is_file():
+        if best is not None and not _is_model_config(path / CONFIG_FILE):
             path = best
         config_file = path / CONFIG_FILE
         if not config_file.is_file():
@@ -115,6 +116,16 @@ def read_checkpoint(source: str | Path, *, base: ViTConfig | None = None) -> tup
     from .convert.timm import read_timm_state_dict
 
     return read_timm_state_dict(state, base=base, source=str(path))
+
+
+def _is_model_config(config_file: Path) -> bool:
+    if not config_file.is_file():
+        return False
+    try:
+        meta = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and (meta.get("format") == FORMAT_NAME or meta.get("model_type") in ("vit", "deit"))
 
 
 def _read_vitkit_dir(path: Path, meta: dict[str, Any]) -> tuple[ViTConfig, dict[str, Tensor], dict[str, Any]]:
