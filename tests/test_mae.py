@@ -110,6 +110,8 @@ def test_pretrain_cli_writes_encoder_figures_and_metrics(tmp_path, capsys):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2] and all(np.isfinite(r["val_loss"]) for r in records)
     assert Image.open(out / "reconstructions" / "epoch_002.png").size[0] > 100
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 * summary["train_images"] // 16 and summary["final_val_loss"] == records[-1]["val_loss"]
     encoder = vitkit.load_pretrained(out)  # RUN/last: a plain VisionTransformer, no head
     assert isinstance(encoder, vitkit.VisionTransformer) and encoder.config.num_classes == 0
     assert encoder.config.img_size == (16, 16)

@@ -379,7 +379,7 @@ def _run_train(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- pretrain
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pretrain", help="self-supervised pre-training (MAE) on unlabelled images",
-                       description="Masked-autoencoder pre-training (He et al., 2021): the encoder sees 25%% of each "
+                       description="Masked-autoencoder pre-training (He et al., 2021): the encoder sees 25% of each "
                                    "image's patches, a small decoder paints the rest. Writes OUT/last (the encoder, "
                                    "for `vitkit train --init OUT`), OUT/reconstructions/*.png and OUT/metrics.jsonl.")
     p.add_argument("--method", default="mae", choices=("mae",), help="pre-training method (default mae)")

@@ -24,6 +24,7 @@ from .config import ViTConfig
 from .errors import VitkitError
 from .layers import Block
 from .model import VisionTransformer
+from .weights import atomic_write
 
 
 def patchify(images: Tensor, patch_size: tuple[int, int]) -> Tensor:
@@ -266,7 +267,7 @@ def pretrain_mae(*, model: str | ViTConfig | VisionTransformer, out: str | Path,
     run_dir.mkdir(parents=True, exist_ok=True)
     val_images = _spread_batches(bundle.val, max_val_batches)
     result = PretrainResult(run_dir=run_dir, encoder=encoder)
-    step = 0
+    step, run_started = 0, time.perf_counter()
     for epoch in range(epochs):
         mae.train()
         started, total, count = time.perf_counter(), 0.0, 0
@@ -297,6 +298,13 @@ def pretrain_mae(*, model: str | ViTConfig | VisionTransformer, out: str | Path,
         if log:
             print(f"epoch {epoch + 1}/{epochs}  train loss {record['train_loss']:.4f}  val loss "
                   f"{record['val_loss']:.4f}  {record['seconds']:.1f}s", flush=True)
+    # The same wall-time field as a training run's summary, so benchmarks can match compute across arms.
+    summary = {"run_dir": str(run_dir), "method": "mae", "epochs": epochs, "steps": step,
+               "final_train_loss": result.train_loss[-1], "final_val_loss": result.val_loss[-1],
+               "wall_time_s": time.perf_counter() - run_started, "train_images": bundle.train.num_samples,
+               "device": str(dev), "mask_ratio": mask_ratio}
+    text = json.dumps(summary, indent=2) + "\n"
+    atomic_write(run_dir / "summary.json", lambda tmp: Path(tmp).write_text(text))
     return result
 
 
