@@ -103,16 +103,17 @@ def _run_eval(args: argparse.Namespace) -> int:
     result = evaluate_source(model, source=args.source, data=args.data, batch_size=args.batch_size,
                              device=args.device, split=args.split, out=args.out, strict=args.strict,
                              workers=args.workers)
+    status = EXIT_PARTIAL if result["skipped"] else EXIT_OK
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "confusion"}))
-        return EXIT_OK
+        return status
     print(f"top-1 {result['top1']:.2%}  top-5 {result['top5']:.2%}  on {result['n']} images"
           + (f" ({len(result['skipped'])} unreadable, skipped)" if result["skipped"] else ""))
     for name, accuracy in result["per_class"].items():
         print(f"  {name:<24}{'-' if accuracy is None else f'{accuracy:.2%}':>8}")
     if "confusion_png" in result:
         print(f"confusion matrix: {result['confusion_png']}")
-    return EXIT_OK
+    return status
 
 
 # ---------------------------------------------------------------------------- predict
@@ -372,7 +373,11 @@ def _run_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train
 
     fields = {f for f in TrainConfig.__dataclass_fields__}
-    train(TrainConfig(**{k: v for k, v in vars(args).items() if k in fields}))
+    summary = train(TrainConfig(**{k: v for k, v in vars(args).items() if k in fields}))
+    if summary.get("skipped_images"):
+        print(f"vitkit train: {summary['skipped_images']} unreadable image(s) were skipped (listed in the warning above)",
+              file=sys.stderr)
+        return EXIT_PARTIAL
     return EXIT_OK
 
 
@@ -434,7 +439,10 @@ _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_info, _add
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="vitkit", description="Vision Transformers: build, load, train, inspect and ship.")
+    parser = _Parser(prog="vitkit", description="Vision Transformers: build, load, train, inspect and ship.",
+                     epilog=f"Exit status: {EXIT_OK} all good; {EXIT_PARTIAL} some input images could not be read and "
+                            f"were skipped (predict, eval, train; the rest were processed); {EXIT_USAGE} a usage or "
+                            "input error, told in one line on stderr; 130 interrupted.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     for add in _COMMANDS:
         add(sub)

@@ -651,6 +651,7 @@ def _train(config: TrainConfig, dist: _Dist) -> dict[str, Any]:
         "images_per_s": progress["images"] / max(progress["train_time"], 1e-9),
         "skipped_steps": progress["skipped_steps"], "device": str(device), "precision": precision,
         "world_size": dist.world_size, "train_images": data.train.num_samples, "num_classes": num_classes,
+        "skipped_images": len(data.skipped),
     }
     if dist.main:
         _write_json(run_dir / SUMMARY_FILE, summary)
