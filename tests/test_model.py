@@ -160,3 +160,13 @@ def test_load_overrides_new_head_and_resolution(tmp_path):
     assert loaded.pos_embed.shape == (1, 1 + 64, 32)
     with pytest.raises(vitkit.VitkitError, match="embed_dim"):
         vitkit.load_pretrained(tmp_path / "m", embed_dim=64, num_heads=4)
+
+
+def test_models_command_lists_names_that_build(capsys):
+    from vitkit.cli import main
+
+    assert main(["models", "*r50*"]) == 0
+    names = capsys.readouterr().out.split()
+    assert "R50+ViT-B/16" in names and "vit_base_r50_s16_224" in names and "ViT-B/16" not in names
+    assert all(vitkit.create_model(n, num_classes=0).config.hybrid_stem for n in names[:2])
+    assert main(["models", "nothing-like-this"]) == 2

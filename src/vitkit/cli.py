@@ -55,6 +55,25 @@ def _run_info(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_models(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="list the model names create_model accepts",
+                       description="List every model name (paper, timm and short forms), optionally filtered.")
+    p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'ViT-B/*' or '*r50*'")
+    p.set_defaults(run=_run_models)
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    import fnmatch
+
+    from . import list_models
+
+    names = [n for n in list_models() if fnmatch.fnmatch(n.lower(), args.pattern.lower())]
+    if not names:
+        raise VitkitError(f"no model name matches {args.pattern!r}; `vitkit models` lists them all")
+    print("\n".join(names))
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------------------- convert
 def _add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="write a model's weights in another format (vitkit, hf, timm, npz)",
@@ -435,7 +454,7 @@ def _run_pretrain(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- main
-_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_info, _add_convert, _add_train, _add_bench, _add_export, _add_explain, _add_eval, _add_predict, _add_pretrain]
+_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_info, _add_models, _add_convert, _add_train, _add_bench, _add_export, _add_explain, _add_eval, _add_predict, _add_pretrain]
 
 
 def build_parser() -> argparse.ArgumentParser:

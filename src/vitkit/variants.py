@@ -43,7 +43,8 @@ _BY_NAME = {s.name: s for s in SIZES}
 
 # Extra named models beyond the size x patch grid (hybrids, small-image recipes, DeiT):
 # name -> (base name, overrides). Modules that define such models register them here.
-EXTRA_MODELS: dict[str, tuple[str, dict[str, Any]]] = {}
+EXTRA_MODELS: dict[str, tuple[str, dict[str, Any]]] = {}  # lower-cased name -> (base, overrides)
+_EXTRA_DISPLAY: list[str] = []  # the names as registered, for list_models
 
 _PAPER = re.compile(r"^vit-(ti|s|b|l|h)[/_](\d+)$")
 _TIMM = re.compile(r"^vit_(tiny|small|base|large|huge)_patch(\d+)(?:_(\d+))?$")
@@ -51,6 +52,8 @@ _TIMM = re.compile(r"^vit_(tiny|small|base|large|huge)_patch(\d+)(?:_(\d+))?$")
 
 def register_model(name: str, base: str, **overrides: Any) -> None:
     """Add a named model: `base` (any name resolve() accepts) with `overrides` applied."""
+    if name.lower() not in EXTRA_MODELS:
+        _EXTRA_DISPLAY.append(name)
     EXTRA_MODELS[name.lower()] = (base, overrides)
 
 
@@ -87,7 +90,7 @@ def list_models() -> list[str]:
         for patch in PATCH_SIZES:
             names.append(f"ViT-{size.letter}/{patch}")
             names.append(f"vit_{size.name}_patch{patch}_{DEFAULT_IMG_SIZE}")
-    names.extend(EXTRA_MODELS)
+    names.extend(_EXTRA_DISPLAY)
     return names
 
 
