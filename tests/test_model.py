@@ -130,6 +130,16 @@ def test_bad_configs_name_the_field():
         ViTConfig(img_size=30, patch_size=16)
     with pytest.raises(ValueError, match="global_pool"):
         ViTConfig(class_token=False)
+    with pytest.raises(ValueError, match="global_pool"):
+        vitkit.create_model("ViT-Ti/16", class_token=False, global_pool="token")
+
+
+def test_create_model_without_class_token_pools_the_patches():
+    model = vitkit.create_model("ViT-Ti/16", class_token=False, num_classes=3).eval()
+    x = torch.randn(2, 3, 224, 224)
+    tokens = model.forward_features(x)
+    assert model.config.global_pool == "avg" and tokens.shape[1] == 196
+    torch.testing.assert_close(model.forward_head(tokens), model.head(model.pre_logits(model.fc_norm(tokens.mean(1)))))
     with pytest.raises(ValueError, match="unknown model config keys"):
         ViTConfig.from_dict({"embed_dimm": 3})
 

@@ -38,6 +38,8 @@ def create_model(name: str | ViTConfig, **overrides: Any) -> VisionTransformer:
     """Build a randomly initialised ViT by variant name (`"ViT-B/16"`, `"vit_base_patch16_224"`,
     `"base"`) or from a ViTConfig, with any ViTConfig field overridden (`num_classes=10`)."""
     config = name if isinstance(name, ViTConfig) else resolve(name)
+    if overrides.get("class_token") is False and "global_pool" not in overrides and config.global_pool == "token":
+        overrides["global_pool"] = "avg"  # without a [class] token the only pooling left is the patches' mean
     if overrides:
         config = config.replace(**overrides)
     return VisionTransformer(config)
