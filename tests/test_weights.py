@@ -132,3 +132,38 @@ def test_fuzz_truncated_zip_checkpoints(tmp_path, cut):
     path.write_bytes(data[: int(len(data) * cut)])
     with pytest.raises(CheckpointError, match="w.pth"):
         read_state_dict(path)
+
+
+def test_every_loader_refuses_the_payload(tmp_path, capsys):
+    """The same exploit through each way a file reaches vitkit: an HF directory's pytorch_model.bin,
+    a run directory's training state (--resume), --init, predict and eval."""
+    from test_train import make_shapes
+
+    target = tmp_path / "pwned"
+    evil = {"x": _Payload(target)}
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    (hf_dir / "config.json").write_text('{"model_type": "vit", "hidden_size": 32, "num_hidden_layers": 2, '
+                                        '"num_attention_heads": 4, "intermediate_size": 64, "image_size": 32, '
+                                        '"patch_size": 8}')
+    torch.save(evil, hf_dir / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="pytorch_model.bin: refused"):
+        vitkit.load_pretrained(hf_dir)
+
+    data = make_shapes(tmp_path / "shapes", per_class=4, val_per_class=2)
+    run = tmp_path / "run"
+    common = ["--model", "vit_cifar", "--patch-size", "4", "--img-size", "16", "--epochs", "1", "--batch-size", "8",
+              "--device", "cpu", "--no-progress", "--data", str(data)]
+    assert main(["train", *common, "--out", str(run)]) == 0
+    torch.save({"progress": evil}, run / "last" / "train_state.pt")
+    capsys.readouterr()
+    assert main(["train", *common, "--resume", str(run)]) == 2
+    assert "train_state.pt: not a readable training state" in capsys.readouterr().err
+    torch.save(evil, tmp_path / "evil.pth")
+    image = next((data / "val").rglob("*.png"))
+    for args in (["train", *common, "--init", str(tmp_path / "evil.pth"), "--out", str(tmp_path / "run2")],
+                 ["predict", str(tmp_path / "evil.pth"), "--model", "vit_tiny_patch16_224", str(image)],
+                 ["eval", str(tmp_path / "evil.pth"), "--model", "vit_tiny_patch16_224", "--data", str(data)]):
+        assert main(args) == 2
+        assert "evil.pth: refused" in capsys.readouterr().err, args[0]
+    assert not target.exists()
