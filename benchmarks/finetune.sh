@@ -17,7 +17,21 @@ FRESH=()            # options for the fresh models only, e.g. PATCH=8 for a quic
 if [[ -n "${PATCH:-}" ]]; then FRESH=(--patch-size "$PATCH"); fi
 rm -rf "$OUT"
 mkdir -p "$OUT"
-wall() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['wall_time_s'])" "$1/summary.json"; }
+# Median seconds per epoch, times the epochs: a shared machine's slow epochs do not tip the balance.
+epoch_time() {
+    python3 - "$1" <<'PY'
+import json, statistics, sys
+from pathlib import Path
+run = Path(sys.argv[1])
+rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+if "seconds" in rows[0]:  # vitkit pretrain: one row per epoch with its seconds
+    seconds = [r["seconds"] for r in rows]
+else:  # vitkit train: epoch rows carry the cumulative training time
+    elapsed = [r["elapsed_s"] for r in rows if r.get("kind") == "epoch"]
+    seconds = [b - a for a, b in zip([0.0] + elapsed, elapsed)]
+print(statistics.median(seconds) * len(seconds))
+PY
+}
 
 # 1. MAE pre-training, labels ignored. LR 1e-3 per 256 images: MAE's 1.5e-4 assumes 800+ epochs of ImageNet.
 vitkit pretrain --method mae --model "$MODEL" "${FRESH[@]}" --epochs "$PRE" --batch-size 256 --lr 1e-3 --warmup-epochs 5 \
@@ -30,7 +44,7 @@ vitkit train --init "$OUT/mae" --recipe finetune --epochs "$FT" --device "$DEVIC
 
 # 3. Scratch at the same total time as MAE + fine-tuning: FT epochs plus as many as the MAE run's time buys.
 SAME=$(python3 -c "import sys; mae, sc, ft = map(float, sys.argv[1:]); print(int(ft + round(mae / (sc / ft))))" \
-    "$(wall "$OUT/mae")" "$(wall "$OUT/scratch")" "$FT")
+    "$(epoch_time "$OUT/mae")" "$(epoch_time "$OUT/scratch")" "$FT")
 vitkit train --model "$MODEL" "${FRESH[@]}" --recipe cifar --epochs "$SAME" --device "$DEVICE" --no-progress --out "$OUT/scratch-same-time"
 
 python3 - "$OUT" <<'PY'
