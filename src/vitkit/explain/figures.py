@@ -31,6 +31,14 @@ def to_png(figure) -> bytes:
     return buffer.getvalue()
 
 
+def _fit_title(title: str, figure_width: float, fontsize: float = 10) -> str:
+    """Wrap a title to the figure's width: long file names must not run off the edge."""
+    import textwrap
+
+    chars_per_line = max(20, int(figure_width * 72 / (0.6 * fontsize)))
+    return textwrap.fill(title, chars_per_line)
+
+
 def _outlined(text):
     from matplotlib import patheffects
 
@@ -240,7 +248,7 @@ def draw_class_attention(maps: np.ndarray, *, grid: tuple[int, int], title: str)
     image = ax.imshow(mosaic, cmap=_colormap("inferno"), vmin=0, vmax=1, interpolation="nearest")
     _panel_ticks(ax, rows=L, cols=heads, h=grid[0], w=grid[1], row_label="layer", col_label="head")
     fig.colorbar(image, ax=ax, shrink=0.8, label="attention / the panel's maximum")
-    ax.set_title(title, fontsize=10)
+    fig.suptitle(_fit_title(title, width + 1.6), fontsize=10)
     return fig
 
 
@@ -257,7 +265,10 @@ def draw_rollout(image: np.ndarray, rollout: np.ndarray, *, grid: tuple[int, int
     map overlaid on the image. image: (H, W, 3) in [0, 1]; rollout: (N,)."""
     H, W = image.shape[:2]
     heat = rollout.reshape(grid).astype(np.float64)
-    heat = heat / heat.max() if heat.max() > 0 else heat
+    # The residual identity makes every patch's rollout similar; stretching min..max to 0..1 shows
+    # where the [class] token looks more, which is what the figure is for.
+    spread = heat.max() - heat.min()
+    heat = (heat - heat.min()) / spread if spread > 0 else np.zeros_like(heat)
     width, height = _display_size(H, W, 3.2)
     fig = _figure(3 * width + 1.4, height + 0.9)
     axes = fig.subplots(1, 3)
@@ -271,8 +282,8 @@ def draw_rollout(image: np.ndarray, rollout: np.ndarray, *, grid: tuple[int, int
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.colorbar(shown, ax=axes, shrink=0.85, label="rollout / its maximum")
-    fig.suptitle(title, fontsize=10)
+    fig.colorbar(shown, ax=axes, shrink=0.85, label="rollout, its range scaled to 0..1")
+    fig.suptitle(_fit_title(title, 3 * width + 1.4), fontsize=10)
     return fig
 
 
@@ -289,7 +300,7 @@ def draw_predictions(probabilities: np.ndarray, labels: list[str], *, title: str
     ax.set_xlim(0, 112)
     ax.set_xlabel("probability (%)")
     ax.grid(axis="x", alpha=0.3)
-    ax.set_title(title or f"Top-{k} predictions", fontsize=10)
+    ax.set_title(_fit_title(title or f"Top-{k} predictions", 6.0 * 0.8), fontsize=10)
     return fig
 
 
