@@ -110,3 +110,26 @@ def test_out_refuses_to_overwrite_a_run(shapes, reference):
     ref_dir, _ = reference
     with pytest.raises(VitkitError, match="--resume"):
         train(tiny_config(shapes, ref_dir, epochs=1))
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(batch_size="many"), r"batch_size must be int \| None \(got 'many'\)"),
+    (dict(batch_size=0), "--batch-size must be at least 1"),
+    (dict(lr=-1.0), "--lr must be positive"),
+    (dict(compile="yes"), "compile must be bool"),
+    (dict(colour="blue"), r"unknown training config keys \['colour'\]"),
+])
+def test_resume_validates_the_saved_config(shapes, tmp_path, reference, change, message):
+    ref_dir, _ = reference
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(ref_dir, out)
+    config = json.loads((out / "config.json").read_text())
+    config.update(change)
+    (out / "config.json").write_text(json.dumps(config))
+    before = weights(out)
+    with pytest.raises(VitkitError, match=message) as error:
+        train(TrainConfig(resume=str(out), epochs=4, progress=False))
+    assert str(out / "config.json") in str(error.value)
+    assert_same(weights(out), before)  # nothing written over the checkpoint

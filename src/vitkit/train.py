@@ -96,11 +96,25 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "train config") -> "TrainConfig":
+        if not isinstance(data, dict):
+            raise VitkitError(f"{source}: a training config must be a JSON object")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise VitkitError(f"{source}: unknown training config keys {unknown}")
+        for field in dataclasses.fields(cls):
+            if field.name in data and not _has_type(data[field.name], str(field.type)):
+                raise VitkitError(f"{source}: {field.name} must be {field.type} (got {data[field.name]!r})")
         return cls(**data)
+
+
+def _has_type(value: Any, annotation: str) -> bool:
+    """Whether a JSON value fits a field annotated like "int | None" or "dict[str, Any] | None"."""
+    checks = {"None": lambda v: v is None, "str": lambda v: isinstance(v, str), "bool": lambda v: isinstance(v, bool),
+              "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+              "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+              "dict": lambda v: isinstance(v, dict)}
+    return any(checks[kind.split("[")[0].strip()](value) for kind in annotation.split("|"))
 
 
 # Values for fields neither the user nor the recipe set.
@@ -127,6 +141,12 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         # DeiT's rule, 5e-4 per 512 images of effective batch, floored for small batches.
         values["lr"] = max(5e-4 * values["batch_size"] * values["grad_accum"] / 512, 1e-4)
     resolved = TrainConfig(**values)
+    check_values(resolved)
+    return resolved
+
+
+def check_values(resolved: TrainConfig) -> None:
+    """Ranges and choices of a resolved config (from the command line or a saved run)."""
     if resolved.precision is not None and resolved.precision not in PRECISIONS:
         raise VitkitError(f"--precision {resolved.precision!r}: expected one of {', '.join(PRECISIONS)}")
     if resolved.distill_type not in ("hard", "soft"):
@@ -144,7 +164,6 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         raise VitkitError("--ema with --fsdp is not supported: the EMA would need the full weights on every rank")
     if resolved.checkpoint_every is not None and resolved.checkpoint_every < 1:
         raise VitkitError(f"--checkpoint-every must be at least 1 step (got {resolved.checkpoint_every})")
-    return resolved
 
 
 # ---------------------------------------------------------------------------- processes and devices
@@ -220,8 +239,12 @@ def _prepare_run(config: TrainConfig) -> tuple[TrainConfig, Path, dict[str, Any]
             raise VitkitError(f"--resume {run_dir}: not a training run directory (no {RUN_CONFIG})")
         try:
             saved = TrainConfig.from_dict(json.loads(config_file.read_text()), source=str(config_file))
-        except (json.JSONDecodeError, TypeError) as error:
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as error:
             raise VitkitError(f"{config_file}: not a readable training config ({error})") from None
+        try:
+            check_values(saved)
+        except VitkitError as error:
+            raise VitkitError(f"{config_file}: {error}") from None
         for key, value in config.to_dict().items():
             if key in _RESUMABLE_CHANGES or value is None or value == getattr(saved, key):
                 continue
