@@ -111,3 +111,13 @@ def test_conv_stem_model_round_trips_through_save_and_load(tmp_path):
         torch.testing.assert_close(loaded.state_dict()[key], value, msg=key)
     x = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(loaded(x), model(x))
+
+
+@pytest.mark.parametrize("to, name", [("npz", "out.npz"), ("timm", "out.safetensors"), ("hf", "out_hf")])
+def test_convert_refuses_formats_without_a_conv_stem(tmp_path, to, name):
+    # Written anyway, the stem would be dropped and the file would load as a plain ViT that fails on images.
+    from vitkit.cli import main
+
+    save_pretrained(create_model(conv_config()), tmp_path / "src")
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / name), "--to", to]) != 0
+    assert not (tmp_path / name).exists()

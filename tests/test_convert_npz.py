@@ -158,3 +158,12 @@ def test_broken_npz_files_are_named(tmp_path):
     np.savez(tmp_path / "pickled.npz", obj=np.array([{"a": 1}], dtype=object))
     with pytest.raises(CheckpointError, match="pickled"):
         vitkit.load_pretrained(tmp_path / "pickled.npz")
+
+
+def test_convert_to_npz_wants_the_suffix(tmp_path, capsys):
+    from vitkit.cli import main
+
+    tiny().save_pretrained(tmp_path / "src")
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "out"), "--to", "npz"]) != 0
+    assert "out.npz" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

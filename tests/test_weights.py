@@ -167,3 +167,16 @@ def test_every_loader_refuses_the_payload(tmp_path, capsys):
         assert main(args) == 2
         assert "evil.pth: refused" in capsys.readouterr().err, args[0]
     assert not target.exists()
+
+
+def test_saved_files_follow_the_umask(tmp_path):
+    # Written through a private temporary file, a checkpoint must still get the mode any other file would.
+    import os
+
+    old = os.umask(0o022)
+    try:
+        vitkit.save_pretrained(vitkit.create_model(TINY), tmp_path / "run")
+    finally:
+        os.umask(old)
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "run" / name).stat().st_mode & 0o777 == 0o644

@@ -130,6 +130,9 @@ def convert(*, source: str | Path, destination: str | Path, to: str, model: str 
         return write_timm_state_dict(loaded, path=destination)
     from .jax_npz import write_npz
 
+    if destination.suffix.lower() != ".npz":
+        # Readers (vitkit's, timm's, numpy's) know the format by this suffix.
+        raise VitkitError(f"{destination}: the JAX layout is written as a .npz file; name it {destination.name}.npz")
     return write_npz(loaded, path=destination)
 
 

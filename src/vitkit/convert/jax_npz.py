@@ -165,6 +165,8 @@ def write_npz(model: Any, *, path: str | Path) -> Path:
         "fc_norm": c.use_fc_norm, "distillation token": c.distill_token,
         "average pooling with a [class] token": c.class_token and c.global_pool == "avg",
         "[class] token without a position embedding": c.class_token and not c.prefix_pos_embed,
+        "convolutional stem (only the ResNet hybrid has a JAX layout)":
+            bool(c.hybrid_stem) and c.hybrid_stem.get("type") != "resnet",
     })
     sd = {k: v.detach().to("cpu", torch.float32).numpy() for k, v in model.state_dict().items()}
     D, H = c.embed_dim, c.num_heads
