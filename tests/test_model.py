@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -142,6 +144,21 @@ def test_create_model_without_class_token_pools_the_patches():
     torch.testing.assert_close(model.forward_head(tokens), model.head(model.pre_logits(model.fc_norm(tokens.mean(1)))))
     with pytest.raises(ValueError, match="unknown model config keys"):
         ViTConfig.from_dict({"embed_dimm": 3})
+
+
+@pytest.mark.parametrize("field, value", [("qkv_bias", "false"), ("class_token", 1), ("fc_norm", 0), ("depth", "12"),
+                                          ("init_values", "1e-5"), ("hybrid_stem", "conv"), ("num_classes", True),
+                                          ("representation_size", 1.5), ("norm_eps", None)])
+def test_config_json_with_the_wrong_types_is_refused(tmp_path, field, value):
+    # A string "false" is truthy: unchecked, it would silently switch the option on.
+    with pytest.raises(ValueError, match=f"ViTConfig.{field}"):
+        ViTConfig.from_dict({field: value})
+    vitkit.save_pretrained(tiny(), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["model"][field] = value
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(vitkit.CheckpointError, match=f"config.json.*{field}"):
+        vitkit.load_pretrained(tmp_path)
 
 
 def test_flops_of_vit_b16():

@@ -20,6 +20,14 @@ def to_2tuple(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     return (int(value[0]), int(value[1]))
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass
 class ViTConfig:
     # --- input and patches (paper Sec. 3.1, Eq. 1) ---
@@ -104,9 +112,16 @@ class ViTConfig:
 
         for name in ("in_chans", "embed_dim", "depth", "num_heads", "mlp_dim"):
             value = getattr(self, name)
-            need(isinstance(value, int) and not isinstance(value, bool) and value > 0, name, "must be a positive integer")
-        need(isinstance(self.num_classes, int) and self.num_classes >= 0, "num_classes", "must be an integer >= 0")
-        need(isinstance(self.reg_tokens, int) and self.reg_tokens >= 0, "reg_tokens", "must be an integer >= 0")
+            need(_is_int(value) and value > 0, name, "must be a positive integer")
+        for name in ("qkv_bias", "qk_norm", "class_token", "prefix_pos_embed", "distill_token"):
+            # JSON configs are checked here too: a string "false" would otherwise switch the option on.
+            need(isinstance(getattr(self, name), bool), name, "must be true or false")
+        need(self.fc_norm is None or isinstance(self.fc_norm, bool), "fc_norm", "must be true, false or null")
+        need(self.init_values is None or _is_number(self.init_values) and self.init_values > 0, "init_values",
+             "must be a positive number or null")
+        need(self.hybrid_stem is None or isinstance(self.hybrid_stem, dict), "hybrid_stem", "must be an object or null")
+        need(_is_int(self.num_classes) and self.num_classes >= 0, "num_classes", "must be an integer >= 0")
+        need(_is_int(self.reg_tokens) and self.reg_tokens >= 0, "reg_tokens", "must be an integer >= 0")
         need(all(p > 0 for p in self.patch_size), "patch_size", "must be positive")
         need(self.embed_dim % self.num_heads == 0, "embed_dim", f"must be divisible by num_heads={self.num_heads}")
         need(self.global_pool in ("token", "avg"), "global_pool", "must be 'token' or 'avg'")
@@ -117,10 +132,10 @@ class ViTConfig:
              f"must be positive and divisible by the stride {stride}")
         for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
             value = getattr(self, name)
-            need(isinstance(value, (int, float)) and 0.0 <= value < 1.0, name, "must lie in [0, 1)")
-        need(isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0, "norm_eps", "must be positive")
-        need(self.representation_size is None or self.representation_size > 0, "representation_size",
-             "must be positive or None")
+            need(_is_number(value) and 0.0 <= value < 1.0, name, "must lie in [0, 1)")
+        need(_is_number(self.norm_eps) and self.norm_eps > 0, "norm_eps", "must be positive")
+        need(self.representation_size is None or _is_int(self.representation_size) and self.representation_size > 0,
+             "representation_size", "must be a positive integer or null")
         need(self.pos_embed_interpolation in ("bicubic", "bilinear", "nearest", "area"),
              "pos_embed_interpolation", "must be bicubic, bilinear, nearest or area")
 
