@@ -126,6 +126,21 @@ def test_deit_names():
     assert resolve("deit_tiny_distilled_patch16_224").num_prefix_tokens == 2
 
 
+def test_deit_weights_expect_imagenet_normalisation(tmp_path):
+    # DeiT trained on ImageNet's mean and std, the paper's ViTs on 0.5: predict and eval must follow the name.
+    timm = pytest.importorskip("timm")
+    name = "deit_tiny_distilled_patch16_224"
+    expected = timm.models.get_pretrained_cfg(name)
+    assert vitkit.create_model(name).preprocessing.mean == pytest.approx(expected.mean)
+    assert vitkit.create_model(name).preprocessing.std == pytest.approx(expected.std)
+    timm_file = tmp_path / "deit.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in vitkit.create_model(name).state_dict().items()}, timm_file)
+    assert vitkit.load_pretrained(timm_file, model=name).preprocessing.std == pytest.approx(expected.std)
+    assert vitkit.create_model("ViT-Ti/16").preprocessing.mean == (0.5, 0.5, 0.5)
+
+
 def test_torchvision_teacher_is_frozen_and_loads_weights_safely(tmp_path):
     torchvision = pytest.importorskip("torchvision")
     from safetensors.torch import save_file

@@ -115,8 +115,9 @@ def student_logits(model: nn.Module, images: Tensor) -> tuple[Tensor, Tensor | N
 # ---------------------------------------------------------------------------- DeiT's named models
 # The architectures are the paper's ViT-Ti/S/B (DeiT Table 1); DeiT's checkpoints expect ImageNet's
 # mean and std, which a model's `preprocessing` (not its config) carries.
+_IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 for _size, _base in (("tiny", "ViT-Ti/16"), ("small", "ViT-S/16"), ("base", "ViT-B/16")):
-    register_model(f"deit_{_size}_patch16_224", _base)
-    register_model(f"deit_{_size}_distilled_patch16_224", _base, distill_token=True)
-register_model("deit_base_patch16_384", "ViT-B/16", img_size=384)
-register_model("deit_base_distilled_patch16_384", "ViT-B/16", img_size=384, distill_token=True)
+    register_model(f"deit_{_size}_patch16_224", _base, preprocessing=_IMAGENET)
+    register_model(f"deit_{_size}_distilled_patch16_224", _base, preprocessing=_IMAGENET, distill_token=True)
+register_model("deit_base_patch16_384", "ViT-B/16", preprocessing=_IMAGENET, img_size=384)
+register_model("deit_base_distilled_patch16_384", "ViT-B/16", preprocessing=_IMAGENET, img_size=384, distill_token=True)

@@ -22,7 +22,7 @@ from torch import Tensor
 from .config import Preprocessing, ViTConfig
 from .errors import CheckpointError, VitkitError
 from .model import VisionTransformer, resample_pos_embed
-from .variants import resolve
+from .variants import preprocessing_fields, resolve
 from .weights import atomic_write, read_state_dict
 
 FORMAT_NAME = "vitkit"
@@ -42,7 +42,10 @@ def create_model(name: str | ViTConfig, **overrides: Any) -> VisionTransformer:
         overrides["global_pool"] = "avg"  # without a [class] token the only pooling left is the patches' mean
     if overrides:
         config = config.replace(**overrides)
-    return VisionTransformer(config)
+    model = VisionTransformer(config)
+    if isinstance(name, str) and preprocessing_fields(name):
+        model.preprocessing = Preprocessing.for_size(config.img_size, **preprocessing_fields(name))
+    return model
 
 
 def save_pretrained(model: VisionTransformer, directory: str | Path) -> Path:
@@ -79,6 +82,9 @@ def load_pretrained(source: str | Path, model: str | ViTConfig | None = None, **
     """
     base = None if model is None else (model if isinstance(model, ViTConfig) else resolve(model))
     config, state, extras = read_checkpoint(source, base=base)
+    if extras.get("preprocessing") is None and isinstance(model, str) and preprocessing_fields(model):
+        # The file does not say how its images were normalised; the named model's weights do.
+        extras = {**extras, "preprocessing": Preprocessing.for_size(config.img_size, **preprocessing_fields(model))}
     return build_from_checkpoint(config, state, extras, source=str(source), overrides=overrides)
 
 

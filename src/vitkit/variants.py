@@ -45,16 +45,27 @@ _BY_NAME = {s.name: s for s in SIZES}
 # name -> (base name, overrides). Modules that define such models register them here.
 EXTRA_MODELS: dict[str, tuple[str, dict[str, Any]]] = {}  # lower-cased name -> (base, overrides)
 _EXTRA_DISPLAY: list[str] = []  # the names as registered, for list_models
+# Named models whose published weights expect another input normalisation than the paper's
+# (mean = std = 0.5): lower-cased name -> Preprocessing fields (mean, std, interpolation).
+_PREPROCESSING: dict[str, dict[str, Any]] = {}
 
 _PAPER = re.compile(r"^vit-(ti|s|b|l|h)[/_](\d+)$")
 _TIMM = re.compile(r"^vit_(tiny|small|base|large|huge)_patch(\d+)(?:_(\d+))?$")
 
 
-def register_model(name: str, base: str, **overrides: Any) -> None:
-    """Add a named model: `base` (any name resolve() accepts) with `overrides` applied."""
+def register_model(name: str, base: str, *, preprocessing: dict[str, Any] | None = None, **overrides: Any) -> None:
+    """Add a named model: `base` (any name resolve() accepts) with `overrides` applied.
+    preprocessing: Preprocessing fields its published weights expect, when not the paper's."""
     if name.lower() not in EXTRA_MODELS:
         _EXTRA_DISPLAY.append(name)
     EXTRA_MODELS[name.lower()] = (base, overrides)
+    if preprocessing:
+        _PREPROCESSING[name.lower()] = dict(preprocessing)
+
+
+def preprocessing_fields(name: str) -> dict[str, Any]:
+    """The Preprocessing fields (mean, std, ...) the weights published under `name` expect; {} for the paper's."""
+    return dict(_PREPROCESSING.get(name.strip().lower(), {}))
 
 
 def _config_for(size: Size, patch: int, img_size: int) -> ViTConfig:
