@@ -4,6 +4,7 @@ import torch.nn.functional as F
 
 import vitkit
 from vitkit import ViTConfig, create_model
+from vitkit.cli import main
 from vitkit.distill import distillation_loss, load_teacher, student_logits
 
 from conftest import randomize
@@ -166,3 +167,18 @@ def test_vitkit_teacher(tmp_path):
     assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
     with pytest.raises(vitkit.VitkitError, match="4 classes"):
         load_teacher(tmp_path / "t", num_classes=10)
+
+
+def test_convert_to_timm_loads_in_timms_distilled_deit(tmp_path):
+    timm = pytest.importorskip("timm")
+    from safetensors.torch import load_file
+
+    name = "deit_tiny_distilled_patch16_224"
+    model = randomize(vitkit.create_model(name, img_size=32, depth=1, num_classes=5)).eval()
+    vitkit.save_pretrained(model, tmp_path / "src")
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "deit.safetensors"), "--to", "timm"]) == 0
+    ref = timm.create_model(name, img_size=32, depth=1, num_classes=5).eval()
+    ref.load_state_dict(load_file(tmp_path / "deit.safetensors"))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ref(x), model(x), atol=1e-4, rtol=1e-4)

@@ -162,3 +162,19 @@ def test_npz_round_trip_through_timms_own_jax_loader(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(ref(x), model(x), atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(loaded(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_convert_to_timm_loads_in_timms_hybrid(tmp_path):
+    from safetensors.torch import load_file
+
+    from vitkit.cli import main
+
+    name = "vit_base_r50_s16_224"
+    model = _randomize(create_model(name, img_size=32, depth=1, num_classes=5)).eval()
+    vitkit.save_pretrained(model, tmp_path / "src")
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "r50.safetensors"), "--to", "timm"]) == 0
+    ref = timm.create_model(name, img_size=32, depth=1, num_classes=5).eval()
+    ref.load_state_dict(load_file(tmp_path / "r50.safetensors"))  # strict
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ref(x), model(x), atol=1e-4, rtol=1e-4)

@@ -133,3 +133,29 @@ def test_resume_validates_the_saved_config(shapes, tmp_path, reference, change, 
         train(TrainConfig(resume=str(out), epochs=4, progress=False))
     assert str(out / "config.json") in str(error.value)
     assert_same(weights(out), before)  # nothing written over the checkpoint
+
+
+def test_resume_before_the_first_checkpoint_starts_over(shapes, tmp_path, monkeypatch, reference):
+    # Killed before anything was saved: --resume must still work (from step 0), not point at a missing checkpoint.
+    ref_dir, _ = reference
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        interrupted(patch, 1)  # before the step-2 checkpoint
+        with pytest.raises(Interrupt):
+            train(tiny_config(shapes, out, **RECIPE))
+    assert (out / "config.json").is_file() and not (out / "last").exists()
+    summary = train(TrainConfig(resume=str(out), progress=False))
+    assert summary["steps"] == 12
+    assert_same(weights(out), weights(ref_dir))
+    steps = [r["step"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "step"]
+    assert steps == list(range(1, 13))
+
+
+def test_a_run_that_fails_to_start_leaves_its_directory_free(shapes, tmp_path, capsys):
+    from vitkit.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(tmp_path / "missing"), "--out", str(out), "--no-progress"]) == 2
+    assert "missing" in capsys.readouterr().err
+    assert not (out / "config.json").exists()
+    assert train(tiny_config(shapes, out, epochs=1))["steps"] > 0  # no "already holds a run"

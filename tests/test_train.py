@@ -13,9 +13,12 @@ from PIL import Image
 
 import vitkit
 from vitkit.cli import build_parser, main
+from vitkit.errors import VitkitError
 from vitkit.mixup import mix_batch
 from vitkit.optim import lr_at, param_groups
 from vitkit.train import TrainConfig, read_metrics, train
+
+from conftest import randomize
 
 # A 16-px ViT small enough that a step takes milliseconds on one core.
 TINY_MODEL = dict(model="vit_cifar", model_overrides=dict(embed_dim=32, depth=1, num_heads=2, mlp_dim=64),
@@ -115,6 +118,69 @@ def test_grad_accum_equals_bigger_batch(shapes, tmp_path):
     wb = vitkit.load_pretrained(tmp_path / "b" / "last").state_dict()
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], atol=2e-6, rtol=1e-5)
+
+
+def _renamed_copy(shapes: Path, root: Path, names: dict[str, str]) -> Path:
+    import shutil
+
+    for split in ("train", "val"):
+        for old, new in names.items():
+            shutil.copytree(shapes / split / old, root / split / new)
+    return root
+
+
+def test_init_keeps_the_head_only_for_the_same_classes(trained_run, tmp_path, shapes):
+    # Three classes again, but other ones: the old head's rows would mean the wrong things.
+    out, _ = trained_run
+    old_head = vitkit.load_pretrained(out / "best").head.weight
+    other = _renamed_copy(shapes, tmp_path / "other", {"bar": "cat", "disc": "dog", "square": "fox"})
+    for data, name in ((shapes, "same"), (other, "other")):
+        train(tiny_config(data, tmp_path / name, init=str(out / "best"), epochs=1, lr=1e-9, max_train=24))
+    same, fresh = (vitkit.load_pretrained(tmp_path / name / "last") for name in ("same", "other"))
+    torch.testing.assert_close(same.head.weight, old_head, atol=1e-6, rtol=0)
+    assert fresh.head.weight.abs().max() < 1e-6 and fresh.class_names == ["cat", "dog", "fox"]
+
+
+def test_init_with_distillation_adds_the_token(trained_run, tmp_path, shapes):
+    out, _ = trained_run
+    summary = train(tiny_config(shapes, tmp_path / "s", init=str(out / "best"), distill_from=str(out / "best"),
+                                distill_type="hard", epochs=1))
+    student = vitkit.load_pretrained(tmp_path / "s" / "best")
+    assert student.config.distill_token and summary["best_val_acc"] > 0.6  # the init's knowledge kept
+
+
+def test_add_distillation_token_starts_from_the_class_token():
+    from vitkit.distill import add_distillation_token
+
+    model = randomize(vitkit.create_model("vit_cifar", embed_dim=32, depth=1, num_heads=2, mlp_dim=64, num_classes=3))
+    student = add_distillation_token(model).eval()
+    assert student.config.num_prefix_tokens == 2 and student.pos_embed.shape[1] == model.pos_embed.shape[1] + 1
+    torch.testing.assert_close(student.dist_token, student.cls_token)
+    torch.testing.assert_close(student.pos_embed[:, 1], student.pos_embed[:, 0])
+    cls, dist = student.forward_distilled(torch.randn(2, 3, 32, 32))
+    torch.testing.assert_close(cls, dist)  # identical tokens, identical heads
+
+
+def test_teacher_with_the_classes_in_another_order_is_refused(trained_run, tmp_path, shapes):
+    out, _ = trained_run
+    teacher = vitkit.load_pretrained(out / "best")
+    teacher.class_names = teacher.class_names[::-1]
+    vitkit.save_pretrained(teacher, tmp_path / "teacher")
+    with pytest.raises(VitkitError, match="another order"):
+        train(tiny_config(shapes, tmp_path / "s", distill_from=str(tmp_path / "teacher"), epochs=1))
+
+
+def test_init_options_that_cannot_apply_give_one_line_errors(trained_run, tmp_path, shapes, capsys):
+    out, _ = trained_run
+    base = ["train", "--init", str(out / "best"), "--data", str(shapes), "--no-progress"]
+    for extra, named in ((["--patch-size", "8"], "--patch-size 8"), (["--img-size", "18"], "--img-size 18")):
+        assert main(base + extra + ["--out", str(tmp_path / named[2:5])]) == 2
+        err = capsys.readouterr().err.strip()
+        assert named in err and len(err.splitlines()) == 1
+    (tmp_path / "file").write_text("not a directory")
+    assert main(base + ["--out", str(tmp_path / "file")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "file" in err and len(err.splitlines()) == 1 and "Traceback" not in err
 
 
 def test_init_from_run_replaces_head_and_resamples(trained_run, tmp_path, shapes):

@@ -475,6 +475,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VitkitError as error:
         print(f"vitkit {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as error:
+        # A path that cannot be written or read (a file where a directory should be, no
+        # permission, a full disk): one line naming it, not a traceback.
+        where = f"{error.filename}: " if error.filename else ""
+        why = error.strerror or str(error)
+        if isinstance(error, (FileExistsError, NotADirectoryError)):
+            why += " (a file stands where a directory is needed)"
+        print(f"vitkit {args.command}: error: {where}{why}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"vitkit {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -125,6 +125,8 @@ class ViTConfig:
         need(all(p > 0 for p in self.patch_size), "patch_size", "must be positive")
         need(self.embed_dim % self.num_heads == 0, "embed_dim", f"must be divisible by num_heads={self.num_heads}")
         need(self.global_pool in ("token", "avg"), "global_pool", "must be 'token' or 'avg'")
+        need(not self.distill_token or self.class_token, "distill_token",
+             "needs class_token=True: DeiT's distillation token sits beside the [class] token")
         need(self.global_pool != "token" or self.class_token, "global_pool",
              "'token' pooling needs class_token=True; use global_pool='avg' without a class token")
         stride = self.stem_stride

@@ -53,6 +53,50 @@ def load_teacher(source: str | Path, *, num_classes: int, device: str | torch.de
     return teacher
 
 
+def check_teacher_classes(teacher: nn.Module, class_names: list[str], *, source: str) -> None:
+    """Refuse a teacher whose logits name the student's classes in another order; warn when its
+    class names are other words altogether (they may be ids for the same classes)."""
+    theirs = getattr(teacher, "class_names", None)
+    if not theirs or list(theirs) == list(class_names):
+        return
+    if sorted(theirs) == sorted(class_names):
+        raise VitkitError(f"{source}: the teacher's classes come in another order ({', '.join(theirs[:5])}, ...) "
+                          f"than the data's ({', '.join(class_names[:5])}, ...); its logits would teach the wrong labels")
+    import warnings
+
+    warnings.warn(f"{source}: the teacher was trained on other class names ({', '.join(theirs[:5])}, ...) than the "
+                  f"data's ({', '.join(class_names[:5])}, ...); logit i is taken to mean the data's class i",
+                  stacklevel=2)
+
+
+def add_distillation_token(model: nn.Module) -> nn.Module:
+    """`model` (a VisionTransformer with a [class] token) with DeiT's distillation token added, for
+    distilling into a pre-trained model. The token, its position embedding and its head start as
+    copies of the [class] token's, so both heads begin from what the model already knows."""
+    from .model import VisionTransformer
+
+    config = model.config
+    if config.distill_token:
+        return model
+    if not config.class_token:
+        raise VitkitError("a distillation token sits beside the [class] token; this model has none "
+                          "(average pooling), so it cannot be distilled DeiT's way")
+    student = VisionTransformer(config.replace(distill_token=True)).to(model.pos_embed.device)
+    state = dict(model.state_dict())
+    state["dist_token"] = state["cls_token"].clone()
+    if config.prefix_pos_embed:
+        pos = state["pos_embed"]  # (1, [class] + registers + patches, D): the new token goes second
+        state["pos_embed"] = torch.cat([pos[:, :1], pos[:, :1], pos[:, 1:]], dim=1)
+    if student.head_dist is not None:
+        state["head_dist.weight"] = state["head.weight"].clone()
+        state["head_dist.bias"] = state["head.bias"].clone()
+    student.load_state_dict(state)
+    student.class_names, student.preprocessing = model.class_names, model.preprocessing
+    student.grad_checkpointing = model.grad_checkpointing
+    student.train(model.training)
+    return student
+
+
 def _torchvision_teacher(name: str, *, num_classes: int, weights: str | Path | None) -> nn.Module:
     import torchvision
 

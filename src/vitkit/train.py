@@ -255,6 +255,11 @@ def _prepare_run(config: TrainConfig) -> tuple[TrainConfig, Path, dict[str, Any]
                 setattr(saved, key, getattr(config, key))
         saved.compile = saved.compile or config.compile
         saved.resume = str(run_dir)
+        recover(run_dir)
+        if not (run_dir / "last").exists():
+            # Stopped before its first checkpoint: nothing was learnt yet, so it starts again from step 0.
+            print(f"--resume {run_dir}: no checkpoint yet; starting the run from the beginning", file=sys.stderr)
+            return saved, run_dir, None
         return saved, run_dir, load_train_state(run_dir)
     resolved = resolve_config(config)
     if resolved.out:
@@ -317,7 +322,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------- model
-def _build_model(config: TrainConfig, *, num_classes: int) -> VisionTransformer:
+def _build_model(config: TrainConfig, *, num_classes: int, class_names: list[str] | None = None) -> VisionTransformer:
     from .pretrained import create_model, load_pretrained, set_img_size
 
     overrides: dict[str, Any] = dict(config.model_overrides or {})
@@ -330,10 +335,22 @@ def _build_model(config: TrainConfig, *, num_classes: int) -> VisionTransformer:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the replaced head is intended, not news
             model = load_pretrained(config.init, model=config.model, drop_path_rate=config.drop_path)
-        if model.config.num_classes != num_classes or model.class_names is None:
+        if config.patch_size and (config.patch_size, config.patch_size) != model.config.patch_size:
+            raise VitkitError(f"--patch-size {config.patch_size}: --init {config.init} has {model.config.patch_size} "
+                              "patches, and pre-trained patch embeddings cannot change size")
+        if model.class_names is None or model.class_names != class_names:
+            # New classes (or the same count under other names) get a new head: the old one's
+            # rows mean other things.
             model.reset_classifier(num_classes)
         if config.img_size:
-            set_img_size(model, config.img_size)
+            try:
+                set_img_size(model, config.img_size)
+            except ValueError as error:
+                raise VitkitError(f"--img-size {config.img_size}: {error}") from None
+        if config.distill_from and not model.config.distill_token:
+            from .distill import add_distillation_token
+
+            model = add_distillation_token(model)
         return model.train()
     if config.patch_size:
         overrides["patch_size"] = config.patch_size
@@ -469,7 +486,7 @@ def _train(config: TrainConfig, dist: _Dist) -> dict[str, Any]:
         import torch.distributed as tdist
 
         # The default directory name holds a timestamp: every process takes rank 0's. The barrier
-        # keeps rank 0 from writing config.json before the others have checked --out is free.
+        # keeps rank 0 from writing into it before the others have checked --out is free.
         name = [str(run_dir)]
         tdist.broadcast_object_list(name, src=0)
         run_dir = Path(name[0])
@@ -482,7 +499,6 @@ def _train(config: TrainConfig, dist: _Dist) -> dict[str, Any]:
     if dist.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         recover(run_dir)
-        _write_json(run_dir / RUN_CONFIG, {**cfg.to_dict(), "precision": precision})
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
 
     init_pre = _init_preprocessing(cfg)
@@ -496,7 +512,7 @@ def _train(config: TrainConfig, dist: _Dist) -> dict[str, Any]:
                       mean=init_pre.mean if init_pre else None, std=init_pre.std if init_pre else None)
     num_classes = len(data.class_names)
     torch.manual_seed(cfg.seed)
-    raw = _build_model(cfg, num_classes=num_classes)
+    raw = _build_model(cfg, num_classes=num_classes, class_names=list(data.class_names))
     raw.class_names = list(data.class_names)
     raw.preprocessing = data.preprocessing
 
@@ -528,9 +544,10 @@ def _train(config: TrainConfig, dist: _Dist) -> dict[str, Any]:
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     teacher = None
     if cfg.distill_from:
-        from .distill import load_teacher
+        from .distill import check_teacher_classes, load_teacher
 
         teacher = load_teacher(cfg.distill_from, num_classes=num_classes, device=device)
+        check_teacher_classes(teacher, list(data.class_names), source=f"--distill-from {cfg.distill_from}")
     train_model = torch.compile(wrapped) if cfg.compile else wrapped
 
     steps_per_epoch = math.ceil(len(data.train) / cfg.grad_accum)
@@ -544,7 +561,11 @@ def _train(config: TrainConfig, dist: _Dist) -> dict[str, Any]:
         progress.update(resume_state["progress"])
         _restore_rng(resume_state["rng"], device)
 
-    log = _MetricsLog(run_dir / METRICS_FILE, keep_until_step=progress["step"] if resume_state else None,
+    if dist.main:
+        # Written once the data, model and teacher are known to work: a run that fails to start
+        # leaves no config.json behind to claim the directory.
+        _write_json(run_dir / RUN_CONFIG, {**cfg.to_dict(), "precision": precision})
+    log = _MetricsLog(run_dir / METRICS_FILE, keep_until_step=progress["step"] if cfg.resume else None,
                       enabled=dist.main)
     if dist.main:
         from .info import describe

@@ -154,8 +154,8 @@ def timm_kwargs(config: ViTConfig) -> dict[str, Any]:
     `timm.create_model(name, **kwargs)`) that build the model `config` describes."""
     refuse(config, target="timm", unsupported={
         "pre-logits layer (representation_size)": bool(config.representation_size),
-        "hybrid stem (use vitkit.hybrid's converter)": bool(config.hybrid_stem),
-        "distillation token (timm builds it with VisionTransformerDistilled)": config.distill_token,
+        "hybrid stem (load it into timm's hybrid model of the same name)": bool(config.hybrid_stem),
+        "distillation token (load it into timm's deit_*_distilled model)": config.distill_token,
     })
     return dict(img_size=config.img_size, patch_size=config.patch_size, in_chans=config.in_chans,
                 num_classes=config.num_classes, global_pool=config.global_pool, embed_dim=config.embed_dim,
@@ -167,9 +167,15 @@ def timm_kwargs(config: ViTConfig) -> dict[str, Any]:
 
 def write_timm_state_dict(model: Any, *, path: str | Path) -> Path:
     """Write `model`'s weights under timm's names: .safetensors, or a PyTorch file (.pth, .bin).
-    Build the timm model with `timm_kwargs(model.config)` to load it. Refuses models timm's
-    VisionTransformer cannot build."""
-    timm_kwargs(model.config)  # refuses what timm cannot build
+    Load it into the timm model `timm_kwargs(model.config)` builds, or for a ResNet hybrid or a
+    distilled DeiT into timm's model of the same name (`vit_base_r50_s16_384`,
+    `deit_base_distilled_patch16_224`). Refuses what no timm model has."""
+    config = model.config
+    refuse(config, target="timm", unsupported={
+        "pre-logits layer (representation_size)": bool(config.representation_size),
+        "convolutional stem (timm's hybrids are ResNets)": bool(config.hybrid_stem)
+        and config.hybrid_stem.get("type") != "resnet",
+    })
     path = Path(path)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     suffix = path.suffix.lower()
