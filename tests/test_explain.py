@@ -186,7 +186,8 @@ PER_IMAGE = ("patches", "sequence", "class_attention", "rollout", "predictions")
 @pytest.mark.parametrize("kw", [
     dict(class_token=True, reg_tokens=2, img_size=(16, 24)),  # registers, non-square
     dict(class_token=False, global_pool="avg", img_size=(16, 16)),  # average pooling
-], ids=["cls-registers-nonsquare", "avg-pool"])
+    dict(class_token=True, global_pool="avg", img_size=(16, 16)),  # a [class] token the head does not read
+], ids=["cls-registers-nonsquare", "avg-pool", "cls-avg-pool"])
 def test_explain_command_writes_every_figure_and_a_self_contained_report(tmp_path, kw, capsys):
     model = randomize(tiny(**kw))
     model.class_names = ["ant", "bee", "cat", "dog", "eel"]
@@ -207,6 +208,25 @@ def test_explain_command_writes_every_figure_and_a_self_contained_report(tmp_pat
     assert len(re.findall(r"<tr><td>(ant|bee|cat|dog|eel)</td>", text)) == 2 * 3  # top-3 of two images
     if not kw["class_token"]:
         assert "no [class] token" in text
+    if kw["class_token"] and kw.get("global_pool") == "avg":
+        assert "does not read its [class] token" in text and "the [class] token's attention" not in text
+
+
+def test_explain_names_the_architecture_of_a_timm_file(tmp_path, monkeypatch, capsys):
+    # A timm state dict does not say its number of heads; --arch names the variant (--model is the weights).
+    from safetensors.torch import save_file
+
+    from vitkit import variants
+
+    model = randomize(tiny(embed_dim=40, num_heads=5))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "w.safetensors")
+    images = _write_images(tmp_path / "images", [(16, 16)])
+    command = ["explain", *images, "--model", str(tmp_path / "w.safetensors"), "--out", str(tmp_path / "o")]
+    assert main(command) == 2
+    assert "--arch" in capsys.readouterr().err
+    monkeypatch.setitem(variants.EXTRA_MODELS, "explain-test-heads", ("ViT-Ti/16", model.config.to_dict()))
+    assert main(command + ["--arch", "explain-test-heads"]) == 0
+    assert (tmp_path / "o" / "01-img0-rollout.png").is_file()
 
 
 def test_explain_with_a_variant_name_uses_random_weights(tmp_path, monkeypatch):

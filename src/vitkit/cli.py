@@ -305,6 +305,8 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, metavar="SOURCE",
                    help="a run directory, checkpoint, any load_pretrained source, or a variant name (random weights)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the PNGs and report.html")
+    p.add_argument("--arch", metavar="NAME",
+                   help="the variant, for weight files that cannot say the whole architecture (timm state dicts)")
     p.add_argument("--rollout-fusion", choices=("mean", "max", "min"), default="mean",
                    help="how attention rollout merges heads (default mean)")
     p.add_argument("--discard-ratio", type=float, default=0.0,
@@ -317,7 +319,7 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
 def _run_explain(args: argparse.Namespace) -> int:
     from .explain import explain
 
-    model = _model_from(args.model)
+    model = _model_from(args.model, model_name=args.arch)
     result = explain(images=args.images, model=model, out_dir=args.out, fusion=args.rollout_fusion,
                      discard_ratio=args.discard_ratio, top_k=args.top_k, device=args.device, source=args.model)
     print(f"wrote {len(result.figures)} figures and {result.report}")

@@ -103,7 +103,7 @@ def _num_heads(width: int, base: ViTConfig | None, source: str) -> int:
     if heads is None:
         raise CheckpointError(source, f"a timm state dict does not record the number of heads, and width {width} "
                                       "is not a standard one; name the model, e.g. model='vit_tiny_patch16_224' "
-                                      "(CLI: --model)")
+                                      "(on the command line --model NAME; explain's --arch NAME)")
     return heads
 
 

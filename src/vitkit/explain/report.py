@@ -74,9 +74,12 @@ def explain(*, images: list[str | Path], model: VisionTransformer, out_dir: str 
     config = model.config
     stride = config.stem_stride
     num_prefix = config.num_prefix_tokens
-    pooling_note = ("the [class] token's attention" if config.class_token else
-                    "the mean attention of all patch queries (this model has no [class] token: it "
-                    "averages its patch tokens, so this map shows what the average of the queries reads)")
+    # The maps follow what the head reads: the [class] token, or (average pooling) every patch token.
+    reads_class = config.global_pool == "token"
+    no_class = "no [class] token" if not config.class_token else "its head reads the patches' mean, not the [class] token"
+    pooling_note = ("the [class] token's attention" if reads_class else
+                    f"the mean attention of all patch queries ({no_class}: it averages its patch tokens, "
+                    "so this map shows what the average of the queries reads)")
 
     written: list[Path] = []
 
@@ -109,8 +112,8 @@ def explain(*, images: list[str | Path], model: VisionTransformer, out_dir: str 
         grid = record.grid
         distance = analysis.mean_attention_distance(record.attentions, grid=grid, patch_size=stride)
         distance_sum = distance * len(chunk) if distance_sum is None else distance_sum + distance * len(chunk)
-        cls_maps = analysis.class_attention(record.attentions, num_prefix=num_prefix, class_token=config.class_token)
-        rollout = analysis.attention_rollout(record.attentions, num_prefix=num_prefix, class_token=config.class_token,
+        cls_maps = analysis.class_attention(record.attentions, num_prefix=num_prefix, class_token=reads_class)
+        rollout = analysis.attention_rollout(record.attentions, num_prefix=num_prefix, class_token=reads_class,
                                              fusion=fusion, discard_ratio=discard_ratio)
         top = (analysis.top_predictions(record.logits, k=top_k, class_names=model.class_names)
                if config.num_classes else None)
@@ -124,10 +127,10 @@ def explain(*, images: list[str | Path], model: VisionTransformer, out_dir: str 
             patches = analysis.patch_grid(display, patch_size=stride)
             item.png["sequence"] = save(f"{stem}-sequence",
                                         figures.draw_patch_sequence(patches, prefix_names=_token_names(model)))
-            who = "[class] token attention" if config.class_token else "mean patch-query attention (no [class] token)"
+            who = "[class] token attention" if reads_class else f"mean patch-query attention ({no_class})"
             item.png["class_attention"] = save(f"{stem}-class_attention", figures.draw_class_attention(
                 cls_maps[:, b], grid=grid, title=f"{path.name}: {who} to each patch, per layer and head"))
-            what = "[class] token" if config.class_token else "mean over patch queries (no [class] token)"
+            what = "[class] token" if reads_class else f"mean over patch queries ({no_class})"
             item.png["rollout"] = save(f"{stem}-rollout", figures.draw_rollout(
                 display, rollout[b], grid=grid,
                 title=f"{path.name}: attention rollout, {fusion} over heads, of the {what}"
@@ -235,8 +238,9 @@ def _render(*, model: VisionTransformer, source: str, images: list[_ImageFigures
                  f"(<b>{html.escape(fusion)}</b>){html.escape(discard)}, the identity is added for the "
                  "residual path (0.5 A + 0.5 I, rows renormalised) and the layers' matrices are "
                  "multiplied (Fig. 6).</p>")
-    if not config.class_token:
-        parts.append('<p class="note">This model has no [class] token: it classifies the mean of its patch '
+    if config.global_pool != "token":
+        has = "has no [class] token" if not config.class_token else "does not read its [class] token"
+        parts.append(f'<p class="note">This model {has}: it classifies the mean of its patch '
                      "tokens, so the maps show the attention of the average patch query, not of a single token.</p>")
     for item in images:
         parts.append(f"<h3>{html.escape(item.name)}</h3>")
