@@ -161,6 +161,17 @@ def test_add_distillation_token_starts_from_the_class_token():
     torch.testing.assert_close(cls, dist)  # identical tokens, identical heads
 
 
+def test_distillation_weights_follow_deit():
+    from vitkit.train import resolve_config
+
+    assert resolve_config(TrainConfig(distill_type="soft")).distill_alpha == 0.1  # DeiT's lambda for soft
+    assert resolve_config(TrainConfig(distill_type="hard")).distill_alpha == 0.5
+    args = build_parser().parse_args(["train", "--distill-alpha", "0.3", "--distill-tau", "2"])
+    assert (args.distill_alpha, args.distill_tau) == (0.3, 2.0)
+    with pytest.raises(VitkitError, match="--distill-alpha"):
+        resolve_config(TrainConfig(distill_alpha=1.5))
+
+
 def test_teacher_with_the_classes_in_another_order_is_refused(trained_run, tmp_path, shapes):
     out, _ = trained_run
     teacher = vitkit.load_pretrained(out / "best")

@@ -387,6 +387,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--distill-from", metavar="TEACHER",
                    help="DeiT distillation from this teacher (load_pretrained source or torchvision:NAME)")
     g.add_argument("--distill-type", choices=("hard", "soft"), help="DeiT's hard-label or soft (KL) distillation")
+    g.add_argument("--distill-alpha", type=float, metavar="WEIGHT",
+                   help="the teacher's share of the loss, in [0, 1] (default 0.5 hard, 0.1 soft, as DeiT)")
+    g.add_argument("--distill-tau", type=float, metavar="T", help="soft distillation temperature (default 3.0, as DeiT)")
     p.set_defaults(run=_run_train)
 
 

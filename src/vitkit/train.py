@@ -119,7 +119,7 @@ def _has_type(value: Any, annotation: str) -> bool:
 
 # Values for fields neither the user nor the recipe set.
 _FALLBACK = dict(seed=0, grad_accum=1, min_lr=0.0, label_smoothing=0.0, mixup=0.0, cutmix=0.0, random_erasing=0.0,
-                 drop_path=0.0, distill_type="hard", distill_alpha=0.5, distill_tau=3.0, strict=False, fsdp=False,
+                 drop_path=0.0, distill_type="hard", distill_tau=3.0, strict=False, fsdp=False,
                  grad_checkpointing=False, augment=None)
 
 
@@ -136,6 +136,9 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     for key, value in _FALLBACK.items():
         if values.get(key) is None:
             values[key] = value
+    if values.get("distill_alpha") is None:
+        # DeiT: hard distillation weighs labels and teacher equally; soft uses lambda = 0.1 (with tau = 3).
+        values["distill_alpha"] = 0.1 if values["distill_type"] == "soft" else 0.5
     if config.lr is None and config.model and not config.init and "model" in recipe.values:
         # The recipe's LR suits its own small model; a model the user names (often far wider) gets
         # DeiT's rule, 5e-4 per 512 images of effective batch, floored for small batches.
@@ -151,6 +154,10 @@ def check_values(resolved: TrainConfig) -> None:
         raise VitkitError(f"--precision {resolved.precision!r}: expected one of {', '.join(PRECISIONS)}")
     if resolved.distill_type not in ("hard", "soft"):
         raise VitkitError(f"--distill-type {resolved.distill_type!r}: expected hard or soft")
+    if resolved.distill_alpha is not None and not 0 <= resolved.distill_alpha <= 1:
+        raise VitkitError(f"--distill-alpha must lie in [0, 1] (got {resolved.distill_alpha})")
+    if resolved.distill_tau is not None and resolved.distill_tau <= 0:
+        raise VitkitError(f"--distill-tau must be positive (got {resolved.distill_tau})")
     for name in ("epochs", "batch_size", "grad_accum"):
         if getattr(resolved, name) is None or getattr(resolved, name) < 1:
             raise VitkitError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(resolved, name)})")
