@@ -124,3 +124,40 @@ def test_pretrain_bad_arguments(tmp_path):
     assert main(["pretrain", "--model", "vit_nonexistent", "--out", str(tmp_path / "r")]) == 2
     with pytest.raises(vitkit.VitkitError, match="mask-ratio"):
         pretrain_mae(model=ViTConfig(**TINY), out=tmp_path / "r", mask_ratio=1.0)
+
+
+@pytest.mark.parametrize("kind", ["folder", "zip"])
+def test_pretrain_reads_images_in_any_layout(tmp_path, kind):
+    # MAE needs no labels: loose images in nested folders (or an archive of them) are a dataset.
+    import zipfile
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "loose"
+    for i in range(42):
+        folder = root / ("a" if i % 3 else "a/b")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8)).save(folder / f"{i}.png")
+    (root / "notes.txt").write_text("not an image")
+    data = root
+    if kind == "zip":
+        data = tmp_path / "loose.zip"
+        with zipfile.ZipFile(data, "w") as archive:
+            for path in root.rglob("*"):
+                if path.is_file():
+                    archive.write(path, path.relative_to(tmp_path))
+    result = pretrain_mae(model=ViTConfig(**TINY), data=str(data), out=tmp_path / "run", epochs=1, batch_size=8,
+                          decoder_dim=32, decoder_depth=1, log=False)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["train_images"] == 40  # 2 of 42 held out for the validation loss
+    assert np.isfinite(result.val_loss[-1])
+
+
+def test_pretrain_keeps_an_existing_run(tmp_path):
+    _write_folder(tmp_path / "data")
+    kw = dict(model=ViTConfig(**TINY), data=str(tmp_path / "data"), out=tmp_path / "run", epochs=1, batch_size=8,
+              decoder_dim=32, decoder_depth=1, log=False)
+    pretrain_mae(**kw)
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    with pytest.raises(vitkit.VitkitError, match="already holds"):
+        pretrain_mae(**kw)
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before

@@ -5,6 +5,7 @@ Sources (`build_data(data=...)`):
   FILE.tar[.gz]|.tgz|.zip  the same layout inside an archive, read without extracting it
   cifar10[:ROOT], cifar100[:ROOT]  the official python-version files (downloaded when online)
   None                   the CIFAR-10 sample shipped inside the package (5,000 train + 1,000 test)
+With `unlabelled=True` (MAE pre-training) a folder or archive of images in any layout also works.
 
 Small datasets (decoded size <= IN_MEMORY_LIMIT) are decoded once into a uint8 (N, H, W, 3) tensor
 on the loader's device and augmented batch-wise with tensor ops there, so a GPU never waits for
@@ -132,6 +133,22 @@ def _open_folder(root: Path, split: str) -> tuple[_Split, list[str]]:
 def _open_archive(path: Path, split: str) -> tuple[_Split, list[str]]:
     """Read the members of a .tar/.tar.gz/.zip ImageFolder into memory (compressed images are
     small; decoding happens later, in parallel). A single top folder around train/ is allowed."""
+    members = _read_archive(path)
+    by_split = _archive_splits(members)
+    if by_split is None:
+        raise VitkitError(f"{path}: the archive holds no train/<class>/<image> members")
+    chosen = next((n for n in _split_names(split) if n in by_split), None)
+    if chosen is None or "train" not in by_split:
+        raise VitkitError(f"{path}: an ImageFolder archive needs train/ and val/ (or test/) folders; "
+                          f"found {sorted(by_split) or 'none'}")
+    class_names = sorted({c for c, _ in by_split["train"]})
+    names, labels, classes = _labelled(by_split[chosen], str(path), chosen, class_names)
+    data = [members[n] for n in names]
+    return _Split(names=[f"{path}:{n}" for n in names], labels=labels, fetch=data.__getitem__), classes
+
+
+def _read_archive(path: Path) -> dict[str, bytes]:
+    """Every file member of a .tar/.tar.gz/.zip: name -> bytes."""
     members: dict[str, bytes] = {}
     try:
         if path.name.lower().endswith(".zip"):
@@ -147,23 +164,64 @@ def _open_archive(path: Path, split: str) -> tuple[_Split, list[str]]:
                         members[info.name] = handle.read() if handle is not None else b""
     except (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError) as error:
         raise VitkitError(f"{path}: not a readable archive ({type(error).__name__}: {error})") from None
+    return members
+
+
+def _archive_splits(members: dict[str, bytes]) -> dict[str, list[tuple[str, str]]] | None:
+    """split folder -> (class, member name) pairs; None without a train/<class>/<image> member."""
     # parts: [prefix..., split, class, ..., file]; find the split folder's depth from train/.
     split_parts = [name.strip("/").split("/") for name in members]
     depth = next((parts.index("train") for parts in split_parts if "train" in parts[:-2]), None)
     if depth is None:
-        raise VitkitError(f"{path}: the archive holds no train/<class>/<image> members")
+        return None
     by_split: dict[str, list[tuple[str, str]]] = {}
     for name, parts in zip(members, split_parts):
         if len(parts) >= depth + 3 and not parts[-1].startswith("."):
             by_split.setdefault(parts[depth], []).append((parts[depth + 1], name))
-    chosen = next((n for n in _split_names(split) if n in by_split), None)
-    if chosen is None or "train" not in by_split:
-        raise VitkitError(f"{path}: an ImageFolder archive needs train/ and val/ (or test/) folders; "
-                          f"found {sorted(by_split) or 'none'}")
-    class_names = sorted({c for c, _ in by_split["train"]})
-    names, labels, classes = _labelled(by_split[chosen], str(path), chosen, class_names)
-    data = [members[n] for n in names]
-    return _Split(names=[f"{path}:{n}" for n in names], labels=labels, fetch=data.__getitem__), classes
+    return by_split
+
+
+_HOLDOUT_EVERY = 20  # unlabelled images: every 20th (5%) is held out for the validation loss
+
+
+def _open_unlabelled(data: str | None, split: str) -> tuple[_Split, list[str]]:
+    """For methods that ignore labels (MAE): an ImageFolder source as it is, or else every image
+    found in a folder or archive, any layout, with every 20th image held out as the val split."""
+    path = Path(str(data)) if data is not None else None
+    if path is None or not (path.is_dir() or path.is_file() and str(path).lower().endswith(_ARCHIVE_SUFFIXES)):
+        return _open_source(data, split)  # the sample, CIFAR, or a path error
+    if path.is_dir():
+        if (path / "train").is_dir() and any((path / n).is_dir() for n in _split_names("val")):
+            return _open_folder(path, split)
+        names = sorted(str(f) for f in path.rglob("*") if f.is_file() and _is_image_name(f.name))
+
+        def fetch(i: int) -> bytes:
+            try:
+                return Path(names[i]).read_bytes()
+            except OSError as error:
+                raise ImageReadError(names[i], f"cannot be read ({error.strerror or error})") from None
+    else:
+        members = _read_archive(path)
+        by_split = _archive_splits(members)
+        if by_split and "train" in by_split and any(n in by_split for n in _split_names("val")):
+            return _open_archive(path, split)
+        member_names = sorted(n for n in members if _is_image_name(n.rsplit("/", 1)[-1]))
+        names = [f"{path}:{n}" for n in member_names]
+        fetch = [members[n] for n in member_names].__getitem__
+    if not names:
+        raise VitkitError(f"{path}: no images found ({', '.join(IMAGE_SUFFIXES)})")
+    held_out = np.arange(_HOLDOUT_EVERY - 1, len(names), _HOLDOUT_EVERY)
+    if split == "train":
+        # Fewer than 20 images: train on all of them (the val loss then reads one of them).
+        keep = np.setdiff1d(np.arange(len(names)), held_out) if len(held_out) else np.arange(len(names))
+    else:
+        keep = held_out if len(held_out) else np.array([len(names) - 1])
+    whole = _Split(names=names, labels=np.zeros(len(names), dtype=np.int64), fetch=fetch)
+    return whole.subset(keep), ["image"]
+
+
+def _is_image_name(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES)
 
 
 def _open_sample(split: str) -> tuple[_Split, list[str]]:
@@ -719,7 +777,8 @@ def build_data(data: str | None, *, img_size: int | tuple[int, int], batch_size:
                device: str | torch.device = "cpu", augment: str | None = None, random_erasing: float = 0.0,
                workers: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1, strict: bool = False,
                in_memory: bool | None = None, mean: tuple[float, float, float] | None = None,
-               std: tuple[float, float, float] | None = None, max_train: int | None = None) -> DataBundle:
+               std: tuple[float, float, float] | None = None, max_train: int | None = None,
+               unlabelled: bool = False) -> DataBundle:
     """Train and val loaders for `data` (see the module docstring for the sources).
 
     img_size: the model's input (H, W). batch_size: per process. augment: None (random crop with
@@ -728,6 +787,8 @@ def build_data(data: str | None, *, img_size: int | tuple[int, int], batch_size:
     random_erasing: probability per training sample. mean/std: normalisation, default 0.5 (the
     paper's [-1, 1] pixels). max_train: keep a seeded random subset of that many training images.
     strict: raise at the first unreadable image instead of skipping it with one warning.
+    unlabelled: labels will be ignored, so any folder or archive of images will do (not only an
+    ImageFolder): every 20th image is then held out as the val split, and all labels are 0.
     """
     if augment not in AUGMENTS:
         raise VitkitError(f"--augment {augment!r}: expected none, randaugment or trivialaugment")
@@ -739,8 +800,9 @@ def build_data(data: str | None, *, img_size: int | tuple[int, int], batch_size:
         preprocessing = Preprocessing.for_size(img_size, **extra)
     except ValueError as error:
         raise VitkitError(str(error)) from None
-    train_split, class_names = _open_source(data, "train")
-    val_split, _ = _open_source(data, "val")
+    opener = _open_unlabelled if unlabelled else _open_source
+    train_split, class_names = opener(data, "train")
+    val_split, _ = opener(data, "val")
     if max_train is not None and max_train < len(train_split):
         keep = np.sort(np.random.default_rng(seed).permutation(len(train_split))[:max_train])
         train_split = train_split.subset(keep)

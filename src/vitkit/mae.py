@@ -224,7 +224,8 @@ def pretrain_mae(*, model: str | ViTConfig | VisionTransformer, out: str | Path,
     """Pre-train `model`'s encoder as a masked autoencoder on the images of `data` (labels ignored).
 
     model: a variant name, a ViTConfig or a VisionTransformer (e.g. to continue from weights).
-    data: anything `vitkit.data.build_data` reads; None is the CIFAR-10 sample in the package.
+    data: any folder or archive of images, in any layout (an ImageFolder's splits are kept), or
+        anything else `vitkit.data.build_data` reads; None is the CIFAR-10 sample in the package.
     lr: the base LR per 256 images, scaled linearly with batch_size (MAE's rule; 1.5e-4 is theirs).
     Writes to `out`: last/ (the encoder as a vitkit model without a head, plus train_state.pt with
     the decoder and optimiser), reconstructions/epoch_NNN.png (original | masked | reconstruction,
@@ -241,6 +242,12 @@ def pretrain_mae(*, model: str | ViTConfig | VisionTransformer, out: str | Path,
         raise VitkitError(f"--epochs must be at least 1 (got {epochs})")
     if not 0.0 < mask_ratio < 1.0:
         raise VitkitError(f"--mask-ratio must lie in (0, 1) (got {mask_ratio})")
+    run_dir = Path(out)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise VitkitError(f"--out {run_dir}: a file, not a directory")
+    if (run_dir / "last").exists() or (run_dir / "metrics.jsonl").exists():
+        raise VitkitError(f"--out {run_dir}: already holds a pre-training run; choose another directory "
+                          f"(continue from its encoder with --model {run_dir})")
     torch.manual_seed(seed)
     dev = resolve_device(device)
     if isinstance(model, VisionTransformer):
@@ -256,14 +263,13 @@ def pretrain_mae(*, model: str | ViTConfig | VisionTransformer, out: str | Path,
     mae = MaskedAutoencoder(encoder, decoder_dim=decoder_dim, decoder_depth=decoder_depth,
                             decoder_heads=decoder_heads, mask_ratio=mask_ratio).to(dev)
     bundle = build_data(data, img_size=encoder.config.img_size, batch_size=batch_size, device=dev, seed=seed,
-                        max_train=max_train)
+                        max_train=max_train, unlabelled=True)
     encoder.preprocessing = bundle.preprocessing
     steps_per_epoch = len(bundle.train)
     total_steps, warmup_steps = epochs * steps_per_epoch, min(warmup_epochs, epochs - 1) * steps_per_epoch
     base_lr = lr * batch_size / 256
     # The decoder is not a VisionTransformer: optim's layer ids do not apply, plain decay groups do.
     optimizer = build_optimizer(mae, lr=base_lr, weight_decay=weight_decay, betas=(0.9, 0.95))
-    run_dir = Path(out)
     run_dir.mkdir(parents=True, exist_ok=True)
     val_images = _spread_batches(bundle.val, max_val_batches)
     result = PretrainResult(run_dir=run_dir, encoder=encoder)
