@@ -26,7 +26,7 @@ import torch
 from .errors import CheckpointError, VitkitError
 from .model import VisionTransformer
 from .pretrained import CONFIG_FILE, WEIGHTS_FILE, save_pretrained
-from .weights import _fsync_dir, atomic_write
+from .weights import _fsync_dir, atomic_write, refusal_message, refused_by_weights_only
 
 STATE_FILE = "train_state.pt"
 TAGS = ("last", "best")
@@ -103,6 +103,8 @@ def load_train_state(run_dir: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001  weights_only refusals and corrupt files alike
+        if refused_by_weights_only(error):
+            raise CheckpointError(path, refusal_message(error)) from None
         raise CheckpointError(path, f"not a readable training state ({str(error).splitlines()[0][:160]})") from None
     if not isinstance(state, dict) or "progress" not in state:
         raise CheckpointError(path, "not a vitkit training state (no 'progress' entry)")

@@ -60,11 +60,8 @@ def _read_torch_pickle(path: Path) -> dict[str, Tensor]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        if _REFUSED_GLOBAL in str(error):
-            # weights_only refused a global: the file wants to build objects (or run code) on load.
-            raise CheckpointError(path, "refused: the file holds Python objects beyond plain tensors and "
-                                        f"loading it could run code ({_refused_what(error)}); convert it to "
-                                        "safetensors in a trusted environment") from None
+        if refused_by_weights_only(error):
+            raise CheckpointError(path, refusal_message(error)) from None
         raise CheckpointError(path, f"not a readable PyTorch checkpoint ({_first_line(error)})") from None
     except Exception as error:  # noqa: BLE001  garbage bytes reach the unpickler's KeyError, IndexError, struct.error...
         raise CheckpointError(path, f"not a readable PyTorch checkpoint ({_first_line(error)})") from None
@@ -132,15 +129,22 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-# What torch.load(weights_only=True) says when a pickle asks for a function or class.
-_REFUSED_GLOBAL = "Unsupported global"
+def refused_by_weights_only(error: BaseException) -> bool:
+    """Whether torch.load(weights_only=True) refused the file because its pickle asks for a
+    function or class (torch words this "Unsupported global ..." or "unsupported GLOBAL ...")."""
+    text = str(error).lower()
+    return "weights only load failed" in text or "unsupported global" in text
 
 
-def _refused_what(error: BaseException) -> str:
-    for line in str(error).splitlines():
-        if _REFUSED_GLOBAL in line:
-            return line[line.index(_REFUSED_GLOBAL):].split(" was not")[0][:200]
-    return _first_line(error)
+def refusal_message(error: BaseException) -> str:
+    """One line for a refused pickle, naming what it asked for; never torch's advice to retry
+    with weights_only=False, which would run the file's code."""
+    import re
+
+    asked = re.search(r"global:?\s+(?:GLOBAL\s+)?([\w.]+)", str(error), flags=re.IGNORECASE)
+    return ("refused: the file holds Python objects beyond plain tensors and loading it could run code"
+            + (f" (it asks for {asked.group(1)})" if asked else "")
+            + "; convert it to safetensors in a trusted environment")
 
 
 def _first_line(error: BaseException) -> str:
