@@ -199,3 +199,29 @@ def test_out_of_memory_suggests_remedies(shapes, tmp_path, monkeypatch):
     message = str(error.value)
     assert "out of GPU memory" in message and "--batch-size" in message
     assert "--grad-accum" in message and "--grad-checkpointing" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("with_state", [False, True])  # safetensors fails first, or torch.save
+def test_a_real_failed_write_keeps_the_previous_checkpoint(tmp_path, with_state):
+    # A file-size limit makes the writers fail as a full disk does: safetensors raises SafetensorError,
+    # torch.save RuntimeError, not OSError. Either way: one CheckpointSaveError, the old checkpoint whole.
+    import resource
+    import signal
+
+    from vitkit.checkpoint import save_checkpoint
+
+    model = vitkit.create_model("vit_cifar", num_classes=3)
+    state = {"progress": {"step": 1}, "big": torch.zeros(8_000_000)} if with_state else None
+    save_checkpoint(tmp_path, tag="last", model=model, train_state=state)
+    before = (tmp_path / "last" / WEIGHTS_FILE).read_bytes()
+    limit = (tmp_path / "last" / WEIGHTS_FILE).stat().st_size + (1000 if with_state else -1000)
+    old_limit, old_handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, old_limit[1]))
+    try:
+        with pytest.raises(CheckpointSaveError, match="previous checkpoint .* is kept"):
+            save_checkpoint(tmp_path, tag="last", model=model, train_state=state)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert (tmp_path / "last" / WEIGHTS_FILE).read_bytes() == before
+    assert not (tmp_path / ".last.tmp").exists()

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from .errors import CheckpointError, VitkitError
 from .model import VisionTransformer
@@ -78,9 +79,10 @@ def save_checkpoint(run_dir: str | Path, *, tag: str, model: VisionTransformer,
         if train_state is not None:
             atomic_write(tmp / STATE_FILE, lambda path: torch.save(train_state, path))
         _fsync_dir(tmp)
-    except OSError as error:
+    except (OSError, RuntimeError, SafetensorError) as error:
+        # torch.save and safetensors report a failed write as RuntimeError / SafetensorError, not OSError.
         shutil.rmtree(tmp, ignore_errors=True)
-        reason = "the disk is full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
+        reason = _write_failure(error)
         kept = f"; the previous checkpoint {final} is kept" if final.exists() else ""
         raise CheckpointSaveError(f"could not save the checkpoint {final}: {reason}{kept}") from None
     if final.exists():
@@ -89,6 +91,15 @@ def save_checkpoint(run_dir: str | Path, *, tag: str, model: VisionTransformer,
     _fsync_dir(run_dir)
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _write_failure(error: BaseException) -> str:
+    text = str(error)
+    if getattr(error, "errno", None) == errno.ENOSPC or "No space left" in text or "StorageFull" in text:
+        return "the disk is full"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return text.strip().splitlines()[0][:200] if text.strip() else type(error).__name__
 
 
 def load_train_state(run_dir: str | Path) -> dict[str, Any]:
