@@ -279,3 +279,32 @@ def test_bf16_with_gradient_checkpointing_trains(shapes, tmp_path):
     assert summary["precision"] == "bf16" and summary["best_val_acc"] >= 0.6
     losses = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "step"]
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--lr", "nan"], "--lr"), (["--img-size", "0"], "--img-size"), (["--max-train", "0"], "--max-train"),
+    (["--warmup-epochs", "nan"], "--warmup-epochs"), (["--device", "bogus"], "--device"),
+    (["--clip-grad", "-1"], "--clip-grad"), (["--label-smoothing", "2"], "--label-smoothing"),
+    (["--weight-decay", "-5"], "--weight-decay"), (["--min-lr", "1"], "--min-lr"), (["--mixup", "-1"], "--mixup"),
+    (["--workers", "-1"], "--workers"), (["--random-erasing", "1.5"], "--random-erasing"),
+])
+def test_values_out_of_range_are_refused_in_one_line(tmp_path, capsys, shapes, flags, named):
+    # Silently accepted, a negative clip or a smoothing of 2 trains to 0% accuracy; others were tracebacks.
+    assert main(["train", "--data", str(shapes), "--out", str(tmp_path / "r"), "--no-progress", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert named in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "r" / "config.json").exists()
+
+
+def test_fine_tuning_resumes_without_its_init_source_from_another_directory(trained_run, tmp_path, shapes,
+                                                                            monkeypatch):
+    import shutil
+
+    out, _ = trained_run
+    shutil.copytree(out / "best", tmp_path / "source")
+    shutil.copytree(shapes, tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    train(tiny_config(Path("data"), tmp_path / "ft", init="source", epochs=1))
+    shutil.rmtree(tmp_path / "source")  # gone, as a deleted download or an offline hf-hub: id would be
+    monkeypatch.chdir(tmp_path / "ft")  # and resumed from elsewhere: the relative paths were made absolute
+    assert train(TrainConfig(resume=str(tmp_path / "ft"), epochs=2, progress=False))["epochs"] == 2

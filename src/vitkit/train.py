@@ -123,8 +123,19 @@ _FALLBACK = dict(seed=0, grad_accum=1, min_lr=0.0, label_smoothing=0.0, mixup=0.
                  grad_checkpointing=False, augment=None)
 
 
+_PATH_FIELDS = ("data", "init", "distill_from")
+
+
+def _absolute_paths(config: TrainConfig) -> TrainConfig:
+    """Local paths made absolute, so that a run resumes from any working directory."""
+    changes = {name: os.path.abspath(value) for name in _PATH_FIELDS
+               if isinstance(value := getattr(config, name), str) and os.path.exists(value)}
+    return dataclasses.replace(config, **changes) if changes else config
+
+
 def resolve_config(config: TrainConfig) -> TrainConfig:
     """Fill every unset field from the recipe, then from fallbacks; check the values."""
+    config = _absolute_paths(config)
     recipe = get_recipe(config.recipe or ("finetune" if config.init else "cifar"))
     values = config.to_dict()
     values["recipe"] = recipe.name
@@ -143,6 +154,8 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         # The recipe's LR suits its own small model; a model the user names (often far wider) gets
         # DeiT's rule, 5e-4 per 512 images of effective batch, floored for small batches.
         values["lr"] = max(5e-4 * values["batch_size"] * values["grad_accum"] / 512, 1e-4)
+    if config.min_lr is None and values["min_lr"] > values["lr"]:
+        values["min_lr"] = values["lr"]  # the recipe's floor is for its own LR, not one set far below it
     resolved = TrainConfig(**values)
     check_values(resolved)
     return resolved
@@ -161,8 +174,31 @@ def check_values(resolved: TrainConfig) -> None:
     for name in ("epochs", "batch_size", "grad_accum"):
         if getattr(resolved, name) is None or getattr(resolved, name) < 1:
             raise VitkitError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(resolved, name)})")
-    if resolved.lr is None or resolved.lr <= 0:
+    if resolved.lr is None or not math.isfinite(resolved.lr) or resolved.lr <= 0:
         raise VitkitError(f"--lr must be positive (got {resolved.lr})")
+    if resolved.recipe is not None:
+        get_recipe(resolved.recipe)  # names the known ones
+    # (flag, value, lowest, highest, whether the highest is allowed); None values mean "off".
+    ranges = [("--min-lr", resolved.min_lr, 0.0, resolved.lr, True),
+              ("--weight-decay", resolved.weight_decay, 0.0, math.inf, False),
+              ("--warmup-epochs", resolved.warmup_epochs, 0.0, math.inf, False),
+              ("--label-smoothing", resolved.label_smoothing, 0.0, 1.0, False),
+              ("--mixup", resolved.mixup, 0.0, math.inf, False),
+              ("--cutmix", resolved.cutmix, 0.0, math.inf, False),
+              ("--random-erasing", resolved.random_erasing, 0.0, 1.0, True),
+              ("--drop-path", resolved.drop_path, 0.0, 1.0, False)]
+    for flag, value, low, high, high_ok in ranges:
+        if value is not None and not (math.isfinite(value) and low <= value and (value < high or high_ok and value == high)):
+            top = f"{high:g}]" if high_ok else ("inf)" if math.isinf(high) else f"{high:g})")
+            raise VitkitError(f"{flag} must lie in [{low:g}, {top} (got {value})")
+    if resolved.clip_grad is not None and not (math.isfinite(resolved.clip_grad) and resolved.clip_grad > 0):
+        raise VitkitError(f"--clip-grad must be a positive norm (got {resolved.clip_grad}); leave it out to disable")
+    for flag, value in (("--img-size", resolved.img_size), ("--patch-size", resolved.patch_size),
+                        ("--max-train", resolved.max_train)):
+        if value is not None and value < 1:
+            raise VitkitError(f"{flag} must be at least 1 (got {value})")
+    if resolved.workers is not None and resolved.workers < 0:
+        raise VitkitError(f"--workers must be 0 or more (got {resolved.workers})")
     if resolved.layer_decay is not None and not 0 < resolved.layer_decay <= 1:
         raise VitkitError(f"--layer-decay must lie in (0, 1] (got {resolved.layer_decay})")
     if resolved.ema is not None and not 0 < resolved.ema < 1:
@@ -203,7 +239,10 @@ def _init_distributed(device_hint: str | None) -> _Dist:
 
 def _device(config: TrainConfig, dist: _Dist) -> torch.device:
     if config.device:
-        device = torch.device(config.device)
+        try:
+            device = torch.device(config.device)
+        except RuntimeError as error:
+            raise VitkitError(f"--device {config.device!r}: {str(error).splitlines()[0]} (e.g. cpu, cuda, cuda:1)") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise VitkitError(f"--device {config.device}: CUDA is not available on this machine")
         if device.type == "cuda" and dist.world_size > 1:
@@ -252,7 +291,7 @@ def _prepare_run(config: TrainConfig) -> tuple[TrainConfig, Path, dict[str, Any]
             check_values(saved)
         except VitkitError as error:
             raise VitkitError(f"{config_file}: {error}") from None
-        for key, value in config.to_dict().items():
+        for key, value in _absolute_paths(config).to_dict().items():
             if key in _RESUMABLE_CHANGES or value is None or value == getattr(saved, key):
                 continue
             raise VitkitError(f"--resume {run_dir}: the run was trained with {key}={getattr(saved, key)!r}, "
@@ -508,6 +547,10 @@ def _train(config: TrainConfig, dist: _Dist) -> dict[str, Any]:
         recover(run_dir)
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
 
+    if resume_state is not None and cfg.init:
+        # The run's own checkpoint holds everything --init gave it (weights, head, tokens): resuming
+        # must not need the original source again (deleted, moved, or on the Hub while offline).
+        cfg = dataclasses.replace(cfg, init=str(run_dir / "last"))
     init_pre = _init_preprocessing(cfg)
     img_size = cfg.img_size
     if img_size is None:
