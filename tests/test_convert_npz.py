@@ -167,3 +167,13 @@ def test_convert_to_npz_wants_the_suffix(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "src"), str(tmp_path / "out"), "--to", "npz"]) != 0
     assert "out.npz" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_convert_never_writes_over_its_source(tmp_path, capsys):
+    from vitkit.cli import main
+
+    tiny().save_pretrained(tmp_path / "src")
+    before = (tmp_path / "src" / "config.json").read_text()
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "src"), "--to", "hf"]) == 2
+    assert "source itself" in capsys.readouterr().err
+    assert (tmp_path / "src" / "config.json").read_text() == before

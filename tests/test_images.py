@@ -97,7 +97,7 @@ def test_broken_files_raise_a_clean_error_naming_the_file(tmp_path):
     assert "decompression bomb" in str(pytest.raises(ImageReadError, read_image, tmp_path / "bomb.png").value)
     with pytest.raises(ImageReadError, match="no such file"):
         read_image(tmp_path / "missing.png")
-    with pytest.raises(ImageReadError, match="no such file"):
+    with pytest.raises(ImageReadError, match="a folder, not an image file"):
         read_image(tmp_path)
 
 

@@ -122,4 +122,17 @@ def test_predict_missing_inputs(colour_model, tmp_path, capsys):
     line = json.loads(capsys.readouterr().out.strip())
     assert "no such file" in line["error"]
     (tmp_path / "empty").mkdir()
-    assert main(["predict", str(colour_model), str(tmp_path / "empty")]) == 2
+    # Beside inputs that work, a folder or pattern that yields nothing is reported, not dropped.
+    image = next(colour_model.parent.rglob("*.png"), None) or _any_image(tmp_path)
+    assert main(["predict", str(colour_model), str(image), str(tmp_path / "empty"), str(tmp_path / "typo*.png"),
+                 "--json"]) == 1
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert "predictions" in lines[0]
+    assert "no images in it" in lines[1]["error"] and "matches no file" in lines[2]["error"]
+
+
+def _any_image(folder):
+    from PIL import Image
+
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(folder / "red.png")
+    return folder / "red.png"

@@ -197,3 +197,32 @@ def test_models_command_lists_names_that_build(capsys):
     assert "R50+ViT-B/16" in names and "vit_base_r50_s16_224" in names and "ViT-B/16" not in names
     assert all(vitkit.create_model(n, num_classes=0).config.hybrid_stem for n in names[:2])
     assert main(["models", "nothing-like-this"]) == 2
+
+
+def test_a_path_wins_over_a_model_name(tmp_path, monkeypatch, capsys):
+    # A run folder called "tiny" is the user's model, not a fresh ViT-Ti/16.
+    from vitkit.cli import main
+
+    vitkit.save_pretrained(tiny(), tmp_path / "tiny")
+    monkeypatch.chdir(tmp_path)
+    assert main(["info", "tiny"]) == 0
+    assert "custom ViT" in capsys.readouterr().out
+    assert main(["info", str(tmp_path / "tiny" / "model.safetensors"), "--model", "bogus"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--model bogus" in err and len(err.splitlines()) == 1
+
+
+def test_a_closed_pipe_is_not_an_error(monkeypatch, capsys):
+    # `vitkit models | head -1`: the reader leaves early; that is not a failure, and no traceback.
+    from vitkit.cli import main
+
+    class ClosedPipe:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr("sys.stdout", ClosedPipe())
+    assert main(["models"]) == 0
+    assert capsys.readouterr().err == ""

@@ -7,6 +7,7 @@ file that cannot be used, reported in one line.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -23,18 +24,19 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _model_from(source: str, *, model_name: str | None = None):
-    """A variant name builds a fresh model; anything else loads through load_pretrained."""
+    """A file or directory (or hf-hub: id) loads through load_pretrained; a variant name builds a
+    fresh model. A path wins over a name: a run folder called "tiny" is the user's model."""
     from pathlib import Path
 
     from .pretrained import create_model, load_pretrained
     from .variants import resolve
 
+    if Path(source).exists() or source.startswith("hf-hub:"):
+        return load_pretrained(source, model=model_name)
     try:
         resolve(source)
     except ValueError as error:
-        if not Path(source).exists() and not source.startswith("hf-hub:"):
-            raise VitkitError(f"{source!r} is neither a file, a directory nor a model name: {error}") from None
-        return load_pretrained(source, model=model_name)
+        raise VitkitError(f"{source!r} is neither a file, a directory nor a model name: {error}") from None
     return create_model(source)
 
 
@@ -476,10 +478,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        code = args.run(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit-time flush
+        return code
     except VitkitError as error:
         print(f"vitkit {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:
+        # The reader went away (`vitkit models | head`): not an error of ours. Point stdout at
+        # devnull so Python's exit-time flush does not raise again.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass  # stdout is not a real file (captured); nothing will flush to the pipe
+        return EXIT_OK
     except OSError as error:
         # A path that cannot be written or read (a file where a directory should be, no
         # permission, a full disk): one line naming it, not a traceback.

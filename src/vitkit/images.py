@@ -39,8 +39,12 @@ def read_image(path: str | Path) -> Image.Image:
     Raises ImageReadError naming the file for anything that is not a whole, sane image.
     """
     path = Path(path)
+    if path.is_dir():
+        empty = not any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*"))
+        raise ImageReadError(path, "a folder, not an image file" + (" (and no images in it)" if empty else ""))
     if not path.is_file():
-        raise ImageReadError(path, "no such file")
+        pattern = any(ch in str(path) for ch in "*?[")
+        raise ImageReadError(path, "matches no file" if pattern else "no such file")
     try:
         data = path.read_bytes()
     except OSError as error:
@@ -120,16 +124,18 @@ def preprocess(image: Image.Image, preprocessing: Preprocessing) -> Tensor:
 
 def list_images(inputs: list[str | Path]) -> list[Path]:
     """Expand files, folders (recursively, image suffixes only) and glob patterns, in order.
-    A name that matches nothing is kept, so the caller reports it as a missing file."""
+    A name, folder or pattern that yields nothing is kept as it is, so that the caller reports
+    it as a missing input instead of silently doing less than asked."""
     import glob
 
     found: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found.extend(sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()))
+            matches = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         elif not path.exists() and any(ch in str(item) for ch in "*?["):
-            found.extend(sorted(Path(p) for p in glob.glob(str(item), recursive=True)))
+            matches = sorted(Path(p) for p in glob.glob(str(item), recursive=True))
         else:
-            found.append(path)
+            matches = [path]
+        found.extend(matches or [path])
     return found

@@ -80,7 +80,10 @@ def load_pretrained(source: str | Path, model: str | ViTConfig | None = None, **
         warning); a different `img_size` resamples the position embeddings in 2-D. Fields that would
         change a weight's shape (width, depth, ...) are refused.
     """
-    base = None if model is None else (model if isinstance(model, ViTConfig) else resolve(model))
+    try:
+        base = None if model is None else (model if isinstance(model, ViTConfig) else resolve(model))
+    except ValueError as error:
+        raise VitkitError(f"--model {model}: {error}") from None
     config, state, extras = read_checkpoint(source, base=base)
     if extras.get("preprocessing") is None and isinstance(model, str) and preprocessing_fields(model):
         # The file does not say how its images were normalised; the named model's weights do.

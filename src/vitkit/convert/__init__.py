@@ -116,8 +116,11 @@ def convert(*, source: str | Path, destination: str | Path, to: str, model: str 
 
     if to not in FORMATS:
         raise VitkitError(f"--to {to!r}: expected one of {', '.join(FORMATS)}")
-    loaded = load_pretrained(source, model=model)
     destination = Path(destination)
+    if not str(source).startswith("hf-hub:") and Path(source).exists() and destination.exists() \
+            and destination.resolve() == Path(source).resolve():
+        raise VitkitError(f"{destination}: is the source itself; converting in place would overwrite the original")
+    loaded = load_pretrained(source, model=model)
     if to == "vitkit":
         return loaded.save_pretrained(destination)
     if to == "hf":
