@@ -1,5 +1,6 @@
 import io
 import pickle
+import shutil
 import tarfile
 import zipfile
 from pathlib import Path
@@ -10,7 +11,7 @@ import torch
 from PIL import Image
 
 from vitkit.config import Preprocessing
-from vitkit.data import SAMPLE_FILE, build_data, build_eval_loader
+from vitkit.data import SAMPLE_FILE, _open_source, _probe_sizes, build_data, build_eval_loader
 from vitkit.errors import VitkitError
 from vitkit.images import preprocess, read_image
 
@@ -156,6 +157,58 @@ def test_mixed_sizes_and_streaming_agree(folder):
     first, again = _batches(train, 0), _batches(train, 0, start=2)
     assert first[0][0].shape == (4, 3, 16, 16)
     assert all(torch.equal(a[0], b[0]) for a, b in zip(first[2:], again))
+
+
+def test_one_odd_size_beyond_the_probed_images_is_cover_cropped(tmp_path):
+    # 40 images a class, the outlier sorted last: the 16 probed headers all say 16x16.
+    root = tmp_path / "ds"
+    for split in ("train", "val"):
+        for label, name in enumerate(CLASSES):
+            (root / split / name).mkdir(parents=True)
+            for i in range(40):
+                _image(label, i + (100 if split == "val" else 0)).save(root / split / name / f"{i:03d}.png")
+        Image.new("RGB", (20, 24), (30, 60, 220)).save(root / split / "eel" / "zzz_odd.png")
+    val_split, _ = _open_source(str(root), "val")
+    assert val_split.names[-1].endswith("zzz_odd.png") and set(_probe_sizes(val_split)) == {(16, 16)}
+    bundle = build_data(str(root), img_size=16, batch_size=16)
+    assert (bundle.train.num_samples, bundle.val.num_samples) == (121, 121) and bundle.skipped == []
+    assert tuple(bundle.train.pixels.shape) == (121, 16, 16, 3)
+    pre = Preprocessing.for_size((16, 16))
+    loader, _, _ = build_eval_loader(str(root), preprocessing=pre, batch_size=121)
+    x, y = next(loader.iterate(0))
+    files = sorted((root / "val").glob("*/*.png"), key=lambda f: (f.parent.name, f.name))
+    expected = torch.stack([preprocess(read_image(f), pre) for f in files])
+    # The 16x16 images are untouched; the odd one is resized and cropped to 16x16, its colour kept.
+    torch.testing.assert_close(x, expected, atol=1e-6, rtol=0)
+    assert torch.equal(x.mean((2, 3)).argmax(1), y)
+
+
+def test_eval_on_a_val_only_folder_or_archive_takes_the_class_names_from_val(folder, tmp_path):
+    only = tmp_path / "only"
+    only.mkdir()
+    (folder / "val").rename(only / "val")
+    pre = Preprocessing.for_size((16, 16))
+    zpath = tmp_path / "only.zip"
+    with zipfile.ZipFile(zpath, "w") as archive:
+        for f in sorted(only.rglob("*.png")):
+            archive.write(f, "top/" + f.relative_to(only).as_posix())
+    for source in (only, zpath):
+        loader, names, skipped = build_eval_loader(str(source), preprocessing=pre, batch_size=12)
+        x, y = next(loader.iterate(0))
+        assert names == CLASSES and skipped == [] and torch.bincount(y).tolist() == [4, 4, 4]
+        assert torch.equal(x.mean((2, 3)).argmax(1), y)
+        with pytest.raises(VitkitError, match="no train/<class>/<image>|needs train/ and val/"):
+            build_data(str(source), img_size=16, batch_size=4)  # training still needs train/
+    # A model's class names: a val split holding some of the classes keeps the model's indices.
+    shutil.rmtree(only / "val" / "dog")
+    loader, names, _ = build_eval_loader(str(only), preprocessing=pre, batch_size=12, class_names=CLASSES)
+    _, y = next(loader.iterate(0))
+    assert names == CLASSES and y.tolist() == [0] * 4 + [2] * 4
+    with pytest.raises(VitkitError, match="classes the model lacks: \\['eel'\\]"):
+        build_eval_loader(str(only), preprocessing=pre, batch_size=12, class_names=["cat", "dog"])
+    (tmp_path / "none" / "train" / "cat").mkdir(parents=True)
+    with pytest.raises(VitkitError, match=r"needs val/ \(or test/\) subfolders; found \['train'\]"):
+        build_eval_loader(str(tmp_path / "none"), preprocessing=pre, batch_size=4)
 
 
 def test_embedded_sample_is_small_balanced_and_readable():

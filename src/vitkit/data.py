@@ -38,7 +38,7 @@ from torch import Tensor
 
 from .config import Preprocessing, to_2tuple
 from .errors import VitkitError
-from .images import IMAGE_SUFFIXES, ImageReadError, decode_image
+from .images import IMAGE_SUFFIXES, MAX_PIXELS, ImageReadError, decode_image
 
 IN_MEMORY_LIMIT = 2 * 1024**3  # bytes of decoded uint8 pixels; beyond this, stream from disk
 SAMPLE_FILE = Path(__file__).parent / "sample" / "cifar10_sample.npz"
@@ -56,6 +56,7 @@ class _Split:
     labels: np.ndarray  # (N,) int64
     fetch: Callable[[int], bytes] | None = None  # encoded bytes of sample i
     pixels: np.ndarray | None = None  # already decoded (N, H, W, 3) uint8 (CIFAR's own files)
+    on_disk: bool = False  # names are file paths, so a header can be read without the whole file
 
     def __len__(self) -> int:
         return len(self.names)
@@ -64,11 +65,13 @@ class _Split:
         fetch = self.fetch
         return _Split(names=[self.names[i] for i in keep], labels=self.labels[keep],
                       fetch=None if fetch is None else (lambda i, _k=keep, _f=fetch: _f(int(_k[i]))),
-                      pixels=None if self.pixels is None else self.pixels[keep])
+                      pixels=None if self.pixels is None else self.pixels[keep], on_disk=self.on_disk)
 
 
-def _open_source(data: str | None, split: str) -> tuple[_Split, list[str]]:
-    """(split, class names) for `data`; split is "train", "val" (falls back to "test") or "test"."""
+def _open_source(data: str | None, split: str, *, need_train: bool = True) -> tuple[_Split, list[str]]:
+    """(split, class names) for `data`; split is "train", "val" (falls back to "test") or "test".
+    need_train=False (evaluation): a folder or archive without train/ takes its class names from
+    the split itself."""
     if data is None:
         return _open_sample(split)
     text = str(data)
@@ -79,9 +82,9 @@ def _open_source(data: str | None, split: str) -> tuple[_Split, list[str]]:
             return _open_cifar(kind, root, split)
     path = Path(text)
     if path.is_dir():
-        return _open_folder(path, split)
+        return _open_folder(path, split, need_train=need_train)
     if path.is_file() and lowered.endswith(_ARCHIVE_SUFFIXES):
-        return _open_archive(path, split)
+        return _open_archive(path, split, need_train=need_train)
     if path.exists():
         raise VitkitError(f"{path}: not a dataset; expected a folder with train/ and val/ (or test/), "
                           f"or a {', '.join(_ARCHIVE_SUFFIXES)} archive of one")
@@ -109,14 +112,14 @@ def _labelled(entries: list[tuple[str, str]], where: str, split: str,
     return [item for _, item in entries], np.array([index[c] for c, _ in entries], dtype=np.int64), classes
 
 
-def _open_folder(root: Path, split: str) -> tuple[_Split, list[str]]:
+def _open_folder(root: Path, split: str, *, need_train: bool = True) -> tuple[_Split, list[str]]:
     folders = {p.name: p for p in root.iterdir() if p.is_dir()}
     train = folders.get("train")
     chosen = next((folders[n] for n in _split_names(split) if n in folders), None)
-    if chosen is None or train is None:
-        raise VitkitError(f"{root}: an ImageFolder dataset needs train/ and val/ (or test/) subfolders; "
+    if chosen is None or (train is None and need_train):
+        raise VitkitError(f"{root}: an ImageFolder dataset needs {_wanted(split, need_train)} subfolders; "
                           f"found {sorted(folders) or 'none'}")
-    class_names = sorted(p.name for p in train.iterdir() if p.is_dir())
+    class_names = sorted(p.name for p in (train or chosen).iterdir() if p.is_dir())
     entries = [(d.name, str(f)) for d in chosen.iterdir() if d.is_dir()
                for f in d.rglob("*") if f.is_file() and not f.name.startswith(".")]
     paths, labels, classes = _labelled(entries, str(root), chosen.name, class_names)
@@ -127,21 +130,30 @@ def _open_folder(root: Path, split: str) -> tuple[_Split, list[str]]:
         except OSError as error:
             raise ImageReadError(paths[i], f"cannot be read ({error.strerror or error})") from None
 
-    return _Split(names=paths, labels=labels, fetch=fetch), classes
+    return _Split(names=paths, labels=labels, fetch=fetch, on_disk=True), classes
 
 
-def _open_archive(path: Path, split: str) -> tuple[_Split, list[str]]:
+def _wanted(split: str, need_train: bool) -> str:
+    """The folders a source must have, for error messages (training needs both splits)."""
+    if need_train:
+        return "train/ and val/ (or test/)"
+    return "val/ (or test/)" if split == "val" else f"{split}/"
+
+
+def _open_archive(path: Path, split: str, *, need_train: bool = True) -> tuple[_Split, list[str]]:
     """Read the members of a .tar/.tar.gz/.zip ImageFolder into memory (compressed images are
     small; decoding happens later, in parallel). A single top folder around train/ is allowed."""
     members = _read_archive(path)
-    by_split = _archive_splits(members)
+    anchors = ("train",) if need_train else ("train", *_split_names(split))
+    by_split = _archive_splits(members, anchors)
     if by_split is None:
-        raise VitkitError(f"{path}: the archive holds no train/<class>/<image> members")
+        raise VitkitError(f"{path}: the archive holds no {' or '.join(f'{a}/<class>/<image>' for a in anchors)} "
+                          "members")
     chosen = next((n for n in _split_names(split) if n in by_split), None)
-    if chosen is None or "train" not in by_split:
-        raise VitkitError(f"{path}: an ImageFolder archive needs train/ and val/ (or test/) folders; "
+    if chosen is None or ("train" not in by_split and need_train):
+        raise VitkitError(f"{path}: an ImageFolder archive needs {_wanted(split, need_train)} folders; "
                           f"found {sorted(by_split) or 'none'}")
-    class_names = sorted({c for c, _ in by_split["train"]})
+    class_names = sorted({c for c, _ in by_split.get("train", by_split[chosen])})
     names, labels, classes = _labelled(by_split[chosen], str(path), chosen, class_names)
     data = [members[n] for n in names]
     return _Split(names=[f"{path}:{n}" for n in names], labels=labels, fetch=data.__getitem__), classes
@@ -167,11 +179,13 @@ def _read_archive(path: Path) -> dict[str, bytes]:
     return members
 
 
-def _archive_splits(members: dict[str, bytes]) -> dict[str, list[tuple[str, str]]] | None:
-    """split folder -> (class, member name) pairs; None without a train/<class>/<image> member."""
-    # parts: [prefix..., split, class, ..., file]; find the split folder's depth from train/.
+def _archive_splits(members: dict[str, bytes],
+                    anchors: tuple[str, ...] = ("train",)) -> dict[str, list[tuple[str, str]]] | None:
+    """split folder -> (class, member name) pairs; None without an <anchor>/<class>/<image> member
+    for any of `anchors` (tried in order: the first one found fixes the split folders' depth)."""
+    # parts: [prefix..., split, class, ..., file]
     split_parts = [name.strip("/").split("/") for name in members]
-    depth = next((parts.index("train") for parts in split_parts if "train" in parts[:-2]), None)
+    depth = next((parts.index(anchor) for anchor in anchors for parts in split_parts if anchor in parts[:-2]), None)
     if depth is None:
         return None
     by_split: dict[str, list[tuple[str, str]]] = {}
@@ -216,7 +230,7 @@ def _open_unlabelled(data: str | None, split: str) -> tuple[_Split, list[str]]:
         keep = np.setdiff1d(np.arange(len(names)), held_out) if len(held_out) else np.arange(len(names))
     else:
         keep = held_out if len(held_out) else np.array([len(names) - 1])
-    whole = _Split(names=names, labels=np.zeros(len(names), dtype=np.int64), fetch=fetch)
+    whole = _Split(names=names, labels=np.zeros(len(names), dtype=np.int64), fetch=fetch, on_disk=path.is_dir())
     return whole.subset(keep), ["image"]
 
 
@@ -292,11 +306,11 @@ def _open_cifar(kind: str, root: str | None, split: str) -> tuple[_Split, list[s
 
 
 # ============================================================================ decoding
-def _decode_all(split: _Split, *, storage: tuple[int, int] | None, workers: int,
+def _decode_all(split: _Split, *, storage: tuple[int, int], workers: int,
                 strict: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Decode every image of `split` in parallel threads (Pillow releases the GIL while it
-    decodes) into (N, H, W, 3) uint8. Images are resized to `storage` when it is given, or when
-    their sizes differ. Returns (pixels, labels, skipped) with unreadable images dropped."""
+    decodes) into (N, H, W, 3) uint8. Images of one size stay as they are; if any size differs,
+    all are cover-cropped to `storage`. Returns (pixels, labels, skipped), unreadable images dropped."""
     if split.pixels is not None:
         return split.pixels, split.labels, []
 
@@ -315,14 +329,16 @@ def _decode_all(split: _Split, *, storage: tuple[int, int] | None, workers: int,
     keep = [i for i, r in enumerate(images) if not isinstance(r, str)]
     if not keep:
         raise VitkitError(f"none of the {len(split)} images could be read (first: {skipped[0]})")
+    # Decided on the decoded images, not on a probe of a few headers: one outlier anywhere (or an
+    # EXIF rotation, which headers do not show) makes the sizes mixed.
     sizes = {images[i].size for i in keep}
-    if storage is None and len(sizes) > 1:
-        raise AssertionError("storage size needed for images of mixed sizes")
-    out = np.empty((len(keep), *(storage or next(iter(sizes))[::-1]), 3), dtype=np.uint8)
+    if len(sizes) == 1:
+        storage = next(iter(sizes))[::-1]
+    out = np.empty((len(keep), *storage, 3), dtype=np.uint8)
 
     def place(j: int) -> None:
         image = images[keep[j]]
-        out[j] = np.asarray(image if storage is None else _cover_crop(image, storage))
+        out[j] = np.asarray(_cover_crop(image, storage))
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
         list(pool.map(place, range(len(keep))))
@@ -364,6 +380,58 @@ def _probe_sizes(split: _Split, count: int = 16) -> list[tuple[int, int]]:
         except Exception:  # a broken file says nothing about the others; decoding reports it
             continue
     return sizes
+
+
+def _scan(split: _Split, *, workers: int, strict: bool) -> tuple[_Split, list[str]]:
+    """For streaming: (the split without its unreadable images, skipped), found before the first
+    batch so that labels, sample counts and the skipped list match the in-memory path.
+
+    Decoding everything up front would cost as much as an epoch, so each image's header is read
+    instead (and a PNG's chunk checksums, which catch truncation without decompressing); only an
+    image that fails this is decoded in full, which decides, and names the fault as
+    `decode_image` does. A file that passes but cannot be decoded is dropped when it is reached.
+    """
+    from PIL import Image
+
+    def looks_whole(i: int) -> bool:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                source = split.names[i] if split.on_disk else io.BytesIO(split.fetch(i))
+                with Image.open(source) as image:
+                    if not 1 <= image.width * image.height <= MAX_PIXELS:
+                        return False
+                    if image.format == "PNG":
+                        image.verify()
+            return True
+        except Exception:  # any fault at all: the full decode below says whether and why
+            return False
+
+    def check(i: int) -> str | None:
+        if looks_whole(i):
+            return None
+        try:
+            decode_image(split.fetch(i), name=split.names[i])
+            return None
+        except ImageReadError as error:
+            return str(error)
+
+    threads = workers if workers > 0 else (os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        faults = pool.map(check, range(len(split)), chunksize=64)
+        if strict:  # the first unreadable image in the split's order, as the in-memory path reports
+            first = next((f for f in faults if f is not None), None)
+            if first is not None:
+                pool.shutdown(wait=False, cancel_futures=True)  # the rest of the scan is moot
+                raise VitkitError(first)
+            return split, []
+        faults = list(faults)
+    skipped = [f for f in faults if f is not None]
+    if len(skipped) == len(split):
+        raise VitkitError(f"none of the {len(split)} images could be read (first: {skipped[0]})")
+    if not skipped:
+        return split, []
+    return split.subset(np.array([i for i, f in enumerate(faults) if f is None])), skipped
 
 
 # ============================================================================ loaders
@@ -455,7 +523,8 @@ class TensorLoader(BatchLoader):
 
 
 class _ImageDataset(torch.utils.data.Dataset):
-    """Decodes one image per item with PIL transforms; each item carries its own seed."""
+    """Decodes one image per item with PIL transforms; each item carries its own seed.
+    An image that cannot be decoded comes back as its error message instead of a tensor."""
 
     def __init__(self, split: _Split, transform) -> None:
         self.split, self.transform = split, transform
@@ -463,31 +532,47 @@ class _ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[Tensor, int]:
+    def __getitem__(self, item: tuple[int, int]) -> tuple[Tensor | str, int]:
         index, seed = item
-        # A broken file is replaced by the next readable one, so a batch keeps its size; the
-        # replacement is deterministic, and the file is named in a warning.
-        for step in range(len(self.split)):
-            i = (index + step) % len(self.split)
-            try:
-                image = decode_image(self.split.fetch(i), name=self.split.names[i])
-                break
-            except ImageReadError as error:
-                warnings.warn(f"skipped unreadable image: {error}", stacklevel=2)
-        else:
-            raise VitkitError("no image of the split could be read")
+        try:
+            image = decode_image(self.split.fetch(index), name=self.split.names[index])
+        except ImageReadError as error:
+            # Not raised here: a worker process would wrap it in a multi-line RuntimeError.
+            return str(error), int(self.split.labels[index])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return self.transform(image), int(self.split.labels[index])
 
 
-class StreamingLoader(BatchLoader):
-    """Images decoded on the fly by DataLoader workers, for datasets too large for memory."""
+class _DropUnreadable:
+    """Collate for _ImageDataset: stack the decoded samples with their own labels, and hand the
+    unreadable ones' messages on separately. A class (not a closure) so workers can unpickle it."""
 
-    def __init__(self, split: _Split, *, transform, workers: int, **kwargs) -> None:
+    def __init__(self, img_size: tuple[int, int]) -> None:
+        self.img_size = img_size
+
+    def __call__(self, samples: list[tuple[Tensor | str, int]]) -> tuple[Tensor, Tensor, list[str]]:
+        good = [(image, label) for image, label in samples if not isinstance(image, str)]
+        images = torch.stack([image for image, _ in good]) if good else torch.empty(0, 3, *self.img_size)
+        labels = torch.tensor([label for _, label in good], dtype=torch.int64)
+        return images, labels, [image for image, _ in samples if isinstance(image, str)]
+
+
+class StreamingLoader(BatchLoader):
+    """Images decoded on the fly by DataLoader workers, for datasets too large for memory.
+
+    `split` should already be without the images a scan found unreadable (see _scan). One that
+    fails anyway is dropped from its batch with its label, named in a warning the first time and
+    appended to `skipped` (the list build_data and build_eval_loader return), or, when `strict`,
+    raised.
+    """
+
+    def __init__(self, split: _Split, *, transform, workers: int, img_size: tuple[int, int], strict: bool = False,
+                 **kwargs) -> None:
         super().__init__(labels=split.labels, **kwargs)
         self.dataset = _ImageDataset(split, transform)
-        self.workers = workers
+        self.workers, self.img_size, self.strict = workers, img_size, strict
+        self.skipped: list[str] = []
 
     def iterate(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         batches = []
@@ -498,8 +583,15 @@ class StreamingLoader(BatchLoader):
             batches.append([(int(chosen[p]), int(_generator(self.seed, epoch, index, p).initial_seed()))
                             for p in positions])
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, num_workers=self.workers,
+                                             collate_fn=_DropUnreadable(self.img_size),
                                              pin_memory=self.device.type == "cuda")
-        for x, y in loader:
+        for x, y, unreadable in loader:
+            if unreadable and self.strict:
+                raise VitkitError(unreadable[0])
+            new = [u for u in unreadable if u not in self.skipped]  # later epochs meet it again
+            if new:
+                self.skipped.extend(new)
+                _warn_skipped(new)
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
@@ -752,13 +844,14 @@ def _make_loader(split: _Split, *, train: bool, img_size: tuple[int, int], prepr
                  batch_size: int, device, augment: str | None, random_erasing: float, workers: int, seed: int,
                  rank: int, world_size: int, strict: bool, in_memory: bool | None) -> tuple[BatchLoader, list[str]]:
     common = dict(batch_size=batch_size, train=train, seed=seed, rank=rank, world_size=world_size, device=device)
-    sizes = _probe_sizes(split)
-    mixed = len(set(sizes)) > 1
     # Storage: images of one size stay as they are; mixed sizes are covered-and-cropped to the
     # eval transform's resize size, which the eval crop and the train crops then cut from.
+    # The probe only estimates the memory needed; _decode_all sees every size and decides.
+    sizes = _probe_sizes(split)
     scale = preprocessing.resize / min(preprocessing.crop)
-    storage = (math.ceil(preprocessing.crop[0] * scale), math.ceil(preprocessing.crop[1] * scale)) if mixed else None
-    per_image = 3 * (storage[0] * storage[1] if storage else (np.mean([w * h for w, h in sizes]) if sizes else 0))
+    storage = (math.ceil(preprocessing.crop[0] * scale), math.ceil(preprocessing.crop[1] * scale))
+    mixed = len(set(sizes)) > 1
+    per_image = 3 * (storage[0] * storage[1] if mixed else (np.mean([w * h for w, h in sizes]) if sizes else 0))
     if in_memory is None:
         in_memory = split.pixels is not None or len(split) * per_image <= IN_MEMORY_LIMIT
     if in_memory:
@@ -770,7 +863,9 @@ def _make_loader(split: _Split, *, train: bool, img_size: tuple[int, int], prepr
         raise VitkitError("in_memory=False: this dataset comes decoded and always stays in memory")
     transform = _pil_transform(train=train, img_size=img_size, preprocessing=preprocessing, augment=augment,
                                random_erasing=random_erasing)
-    return StreamingLoader(split, transform=transform, workers=workers, **common), []
+    split, skipped = _scan(split, workers=workers, strict=strict)
+    loader = StreamingLoader(split, transform=transform, workers=workers, img_size=img_size, strict=strict, **common)
+    return loader, skipped
 
 
 def build_data(data: str | None, *, img_size: int | tuple[int, int], batch_size: int,
@@ -813,21 +908,45 @@ def build_data(data: str | None, *, img_size: int | tuple[int, int], batch_size:
     val, skipped_val = _make_loader(val_split, train=False, **options)
     skipped = skipped_train + skipped_val
     _warn_skipped(skipped)
+    _report_into(skipped, train, val)
     return DataBundle(train=train, val=val, class_names=class_names, preprocessing=preprocessing, skipped=skipped)
 
 
 def build_eval_loader(data: str | None, *, preprocessing: Preprocessing, batch_size: int,
                       device: str | torch.device = "cpu", split: str = "val", workers: int = 0,
-                      strict: bool = False, in_memory: bool | None = None) -> tuple[BatchLoader, list[str], list[str]]:
+                      strict: bool = False, in_memory: bool | None = None,
+                      class_names: list[str] | None = None) -> tuple[BatchLoader, list[str], list[str]]:
     """An evaluation loader (no augmentation, every image once, in order) for one split of
-    `data`, prepared with a checkpoint's `preprocessing`. Returns (loader, class names, skipped)."""
-    source, class_names = _open_source(data, split)
+    `data`, prepared with a checkpoint's `preprocessing`. Returns (loader, class names, skipped).
+
+    A folder or archive needs no train/ here: without one, the class names are the split's own.
+    class_names (a model's): label the split by these names instead, so that a split holding only
+    some of the classes still gets the model's indices; a class not among them is an error.
+    """
+    source, own_names = _open_source(data, split, need_train=False)
+    if class_names is not None:
+        index = {c: i for i, c in enumerate(class_names)}
+        unknown = sorted(set(own_names[k] for k in np.unique(source.labels)) - set(index))
+        if unknown:
+            raise VitkitError(f"{data}: the {split} split has classes the model lacks: {unknown[:5]}")
+        source.labels = np.array([index[own_names[k]] for k in source.labels], dtype=np.int64)
+        own_names = list(class_names)
+    class_names = own_names
     loader, skipped = _make_loader(source, train=False, img_size=preprocessing.crop, preprocessing=preprocessing,
                                    batch_size=batch_size, device=device, augment="none", random_erasing=0.0,
                                    workers=workers, seed=0, rank=0, world_size=1, strict=strict,
                                    in_memory=in_memory)
     _warn_skipped(skipped)
+    _report_into(skipped, loader)
     return loader, class_names, skipped
+
+
+def _report_into(skipped: list[str], *loaders: BatchLoader) -> None:
+    """Streaming loaders append what they find unreadable only while iterating to `skipped`, the
+    list the caller got, so a run's final count includes them."""
+    for loader in loaders:
+        if isinstance(loader, StreamingLoader):
+            loader.skipped = skipped
 
 
 __all__ = ["BatchLoader", "TensorLoader", "StreamingLoader", "DataBundle", "build_data", "build_eval_loader"]
