@@ -261,6 +261,17 @@ def test_explain_missing_image_names_the_file(tmp_path, capsys):
     assert str(missing) in err and "\n" not in err
 
 
+def test_explain_reports_a_broken_image_and_explains_the_rest(tmp_path, capsys):
+    save_pretrained(tiny(), tmp_path / "model")
+    images = _write_images(tmp_path / "images", [(16, 16)])
+    broken = tmp_path / "images" / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    out = tmp_path / "o"
+    assert main(["explain", str(broken), *images, "--model", str(tmp_path / "model"), "--out", str(out)]) == 1
+    assert "broken.png" in capsys.readouterr().err
+    assert (out / "01-img0-rollout.png").is_file() and "broken.png" in (out / "report.html").read_text()
+
+
 # ---------------------------------------------------------------------------- the report in a real browser
 def _chromium():
     return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)

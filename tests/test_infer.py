@@ -136,3 +136,16 @@ def _any_image(folder):
 
     Image.new("RGB", (16, 16), (200, 30, 30)).save(folder / "red.png")
     return folder / "red.png"
+
+
+def test_cli_eval_on_a_val_folder_with_some_of_the_classes(dataset, colour_model, tmp_path, capsys):
+    # Only val/ (no train/), and only two of the model's three classes: scored by the model's names.
+    import shutil
+
+    part = tmp_path / "part"
+    for name in ("a_red", "c_blue"):
+        shutil.copytree(dataset / "val" / name, part / "val" / name)
+    assert main(["eval", str(colour_model), "--data", str(part), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["n"] == sum(1 for _ in part.rglob("*.png")) and result["top1"] > 0.9
+    assert result["per_class"]["b_green"] is None

@@ -164,12 +164,15 @@ def test_add_distillation_token_starts_from_the_class_token():
 def test_distillation_weights_follow_deit():
     from vitkit.train import resolve_config
 
-    assert resolve_config(TrainConfig(distill_type="soft")).distill_alpha == 0.1  # DeiT's lambda for soft
-    assert resolve_config(TrainConfig(distill_type="hard")).distill_alpha == 0.5
+    teacher = "torchvision:resnet18"
+    assert resolve_config(TrainConfig(distill_from=teacher, distill_type="soft")).distill_alpha == 0.1  # DeiT's lambda
+    assert resolve_config(TrainConfig(distill_from=teacher, distill_type="hard")).distill_alpha == 0.5
+    with pytest.raises(VitkitError, match="--distill-type need.* --distill-from"):
+        resolve_config(TrainConfig(distill_type="soft"))  # silently ignored before
     args = build_parser().parse_args(["train", "--distill-alpha", "0.3", "--distill-tau", "2"])
     assert (args.distill_alpha, args.distill_tau) == (0.3, 2.0)
     with pytest.raises(VitkitError, match="--distill-alpha"):
-        resolve_config(TrainConfig(distill_alpha=1.5))
+        resolve_config(TrainConfig(distill_from=teacher, distill_alpha=1.5))
 
 
 def test_teacher_with_the_classes_in_another_order_is_refused(trained_run, tmp_path, shapes):

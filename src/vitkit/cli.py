@@ -325,7 +325,9 @@ def _run_explain(args: argparse.Namespace) -> int:
     result = explain(images=args.images, model=model, out_dir=args.out, fusion=args.rollout_fusion,
                      discard_ratio=args.discard_ratio, top_k=args.top_k, device=args.device, source=args.model)
     print(f"wrote {len(result.figures)} figures and {result.report}")
-    return EXIT_OK
+    for problem in result.skipped:
+        print(f"vitkit explain: skipped {problem}", file=sys.stderr)
+    return EXIT_PARTIAL if result.skipped else EXIT_OK
 
 
 # ---------------------------------------------------------------------------- train

@@ -928,7 +928,9 @@ def build_eval_loader(data: str | None, *, preprocessing: Preprocessing, batch_s
         index = {c: i for i, c in enumerate(class_names)}
         unknown = sorted(set(own_names[k] for k in np.unique(source.labels)) - set(index))
         if unknown:
-            raise VitkitError(f"{data}: the {split} split has classes the model lacks: {unknown[:5]}")
+            missing = sorted(set(class_names) - set(own_names))
+            raise VitkitError(f"{data}: the {split} split has classes the model lacks: {unknown[:5]}"
+                              + (f"; the model's classes not in it: {missing[:5]}" if missing else ""))
         source.labels = np.array([index[own_names[k]] for k in source.labels], dtype=np.int64)
         own_names = list(class_names)
     class_names = own_names

@@ -118,8 +118,10 @@ def evaluate_source(model: VisionTransformer, *, source: str, data: str | None, 
     """`vitkit eval`: evaluate `model` (loaded from `source`) on a split of `data` with the
     model's own preprocessing; with `out`, write metrics.json and confusion.png there."""
     device = resolve_device(device)
+    # Labelled by the model's class names, a split that holds only some of the classes still scores.
     loader, data_classes, skipped = build_eval_loader(data, preprocessing=model.preprocessing, batch_size=batch_size,
-                                                      device=device, split=split, workers=workers, strict=strict)
+                                                      device=device, split=split, workers=workers, strict=strict,
+                                                      class_names=list(model.class_names) if model.class_names else None)
     check_class_names(model, data_classes, source=source, data=data)
     result = evaluate(model, loader, class_names=data_classes)
     result["skipped"] = skipped

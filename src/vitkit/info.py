@@ -13,7 +13,7 @@ def describe(model: VisionTransformer) -> str:
     flops = count_flops(c)
     name = paper_name(c) or "custom ViT"
     lines = [
-        f"{name}: {params['total'] / 1e6:.1f}M parameters, {flops['total'] / 1e9:.2f} GFLOPs per image "
+        f"{name}: {_millions(params['total'])} parameters, {flops['total'] / 1e9:.3g} GFLOPs per image "
         f"at {c.img_size[0]}x{c.img_size[1]}",
         f"  patches      {c.patch_size[0]}x{c.patch_size[1]} px -> grid {c.grid_size[0]}x{c.grid_size[1]} = {c.num_patches} patches",
         f"  tokens       {c.num_patches + c.num_prefix_tokens} ({c.num_prefix_tokens} prefix: "
@@ -34,3 +34,8 @@ def describe(model: VisionTransformer) -> str:
         lines.append(f"  {component:<14}{count:>14,}{flops.get(component, 0) / 1e9:>10.3f}")
     lines.append(f"  {'total':<14}{params['total']:>14,}{flops['total'] / 1e9:>10.3f}")
     return "\n".join(lines)
+
+
+def _millions(count: int) -> str:
+    """86.6M, 5.7M; small models keep their digits (0.024M, not 0.0M)."""
+    return f"{count / 1e6:.1f}M" if count >= 1e6 else f"{count / 1e6:.2g}M"

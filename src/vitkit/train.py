@@ -136,6 +136,10 @@ def _absolute_paths(config: TrainConfig) -> TrainConfig:
 def resolve_config(config: TrainConfig) -> TrainConfig:
     """Fill every unset field from the recipe, then from fallbacks; check the values."""
     config = _absolute_paths(config)
+    given = [flag for flag, value in (("--distill-type", config.distill_type), ("--distill-alpha", config.distill_alpha),
+                                      ("--distill-tau", config.distill_tau)) if value is not None]
+    if given and not config.distill_from:
+        raise VitkitError(f"{', '.join(given)} need(s) --distill-from TEACHER")
     recipe = get_recipe(config.recipe or ("finetune" if config.init else "cifar"))
     values = config.to_dict()
     values["recipe"] = recipe.name

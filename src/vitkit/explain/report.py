@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..errors import VitkitError
-from ..images import list_images, preprocess, read_image
+from ..images import ImageReadError, list_images, preprocess, read_image
 from ..model import VisionTransformer
 from . import analysis, figures
 
@@ -25,6 +25,7 @@ _CHUNK = 8
 class ExplainResult:
     report: Path  # report.html
     figures: list[Path] = field(default_factory=list)  # every PNG written, in report order
+    skipped: list[str] = field(default_factory=list)  # "file: why" for each image that could not be read
 
 
 @dataclass
@@ -105,9 +106,18 @@ def explain(*, images: list[str | Path], model: VisionTransformer, out_dir: str 
     per_image: list[_ImageFigures] = []
     distance_sum = None
     grid = None
+    skipped: list[str] = []
     for start in range(0, len(paths), _CHUNK):
-        chunk = paths[start:start + _CHUNK]
-        batch = torch.stack([preprocess(read_image(p), model.preprocessing) for p in chunk])  # (B, 3, H, W)
+        chunk, pixels = [], []
+        for path in paths[start:start + _CHUNK]:
+            try:
+                pixels.append(preprocess(read_image(path), model.preprocessing))
+                chunk.append(path)
+            except ImageReadError as error:  # reported, and the other images still explained
+                skipped.append(str(error))
+        if not chunk:
+            continue
+        batch = torch.stack(pixels)  # (B, 3, H, W)
         record = analysis.collect_attention(model, batch.to(device))
         grid = record.grid
         distance = analysis.mean_attention_distance(record.attentions, grid=grid, patch_size=stride)
@@ -118,7 +128,7 @@ def explain(*, images: list[str | Path], model: VisionTransformer, out_dir: str 
         top = (analysis.top_predictions(record.logits, k=top_k, class_names=model.class_names)
                if config.num_classes else None)
         for b, path in enumerate(chunk):
-            index = start + b
+            index = len(per_image)
             stem = f"{index + 1:02d}-{_safe_stem(path)}"
             item = _ImageFigures(name=path.name)
             display = analysis.unnormalize(batch[b], model.preprocessing)
@@ -140,9 +150,13 @@ def explain(*, images: list[str | Path], model: VisionTransformer, out_dir: str 
                     top.probabilities[b], top.labels[b], title=f"{path.name}: top-{len(top.labels[b])} predictions"))
                 item.top = list(zip(top.labels[b], top.probabilities[b].tolist()))
             per_image.append(item)
-    distance = distance_sum / len(paths)
+    if not per_image:
+        raise VitkitError(f"no readable image among the {len(paths)} given: {skipped[0]}")
+    distance = distance_sum / len(per_image)
     model_png["distance"] = save("attention_distance", figures.draw_attention_distance(
-        distance, grid=grid, patch_size=stride, num_images=len(paths)))
+        distance, grid=grid, patch_size=stride, num_images=len(per_image)))
+    if skipped:
+        notes["skipped"] = f"{len(skipped)} image(s) could not be read and are left out: " + "; ".join(skipped)
     if not config.num_classes:
         notes["predictions"] = "this model has no classification head (num_classes = 0)"
 
@@ -150,7 +164,7 @@ def explain(*, images: list[str | Path], model: VisionTransformer, out_dir: str 
     report.write_text(_render(model=model, source=source, images=per_image, model_png=model_png, notes=notes,
                               pooling_note=pooling_note, fusion=fusion, discard_ratio=discard_ratio,
                               grid=grid, distance=distance), encoding="utf-8")
-    return ExplainResult(report=report, figures=written)
+    return ExplainResult(report=report, figures=written, skipped=skipped)
 
 
 # ---------------------------------------------------------------------------- the HTML report
@@ -193,6 +207,8 @@ def _render(*, model: VisionTransformer, source: str, images: list[_ImageFigures
              "16x16 Words</i>: the patches and the sequence (Sec. 3.1), then the analysis of Sec. 4.5 "
              "(Fig. 6 and 7), computed from this model's weights on the given images.</p>",
              f"<pre>{html.escape(describe(model))}</pre>"]
+    if "skipped" in notes:
+        parts.append(f'<p class="note">{html.escape(notes["skipped"])}</p>')
 
     parts.append("<h2>1. The image becomes a sequence of patches</h2>"
                  f"<p>Each image is preprocessed as the model expects (resize, centre-crop to {H}x{W}, "
