@@ -469,7 +469,7 @@ _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_info, _add
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="vitkit", description="Vision Transformers: build, load, train, inspect and ship.",
                      epilog=f"Exit status: {EXIT_OK} all good; {EXIT_PARTIAL} some input images could not be read and "
-                            f"were skipped (predict, eval, train; the rest were processed); {EXIT_USAGE} a usage or "
+                            f"were skipped (predict, eval, train, explain; the rest were processed); {EXIT_USAGE} a usage or "
                             "input error, told in one line on stderr; 130 interrupted.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     for add in _COMMANDS:
