@@ -12,7 +12,7 @@ from vitkit.errors import VitkitError
 from vitkit.variants import resolve
 
 TINY = ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, mlp_dim=64, num_classes=10)
-QUICK = dict(steps=1, repeats=2, warmup=1, matmul_tflops=1.0)
+QUICK = dict(steps=1, repeats=2, warmup=1, matmul_tflops=1.0, device="cpu")  # CPU rows even where CUDA exists
 
 
 def test_rows_have_every_field_and_ratios_against_each_peer():
@@ -23,7 +23,9 @@ def test_rows_have_every_field_and_ratios_against_each_peer():
         assert set(FIELDS) <= set(r)
         assert r["img_per_s"] > 0 and r["step_ms"] > 0
         assert r["img_per_s"] == pytest.approx(2 / (r["step_ms"] / 1e3))
-        assert r["peak_mem_gb"] is None  # no device allocator on the CPU
+        assert r["peak_mem_gb"] is None  # no device allocator on the CPU ...
+        # ... but the process's peak RSS, which holds at least the Python runtime and torch.
+        assert 0.05 < r["peak_rss_gb"] < 64 and r["peak_rss_scope"] in ("run", "process")
     for mode in ("infer", "train"):
         vit, timm_row, hf_row = [r for r in rows if r["mode"] == mode]
         assert vit["ratios"]["timm"] == pytest.approx(vit["img_per_s"] / timm_row["img_per_s"])
@@ -34,7 +36,8 @@ def test_rows_have_every_field_and_ratios_against_each_peer():
     train = rows[3]
     assert train["mfu"] == pytest.approx(train["img_per_s"] * 3 * count_flops(TINY)["total"] / 1e12)
     table = format_table(rows)
-    assert "img/s" in table and "timm=" in table and table.count("\n") == 7
+    assert "img/s" in table and "timm=" in table and "RSS GB" in table and table.count("\n") == 8
+    assert f"{rows[0]['peak_rss_gb']:.2f}" in table.splitlines()[2]
 
 
 def test_peers_are_the_same_architecture():
@@ -83,11 +86,50 @@ def test_bad_arguments_are_one_line_errors(capsys):
         main(["bench", "nonsense"])
 
 
+@pytest.mark.parametrize("flag,value,expected", [
+    ("--sdpa", "bogus", "--sdpa: expected one of auto, default, cudnn, flash, efficient, math, got 'bogus'"),
+    ("--device", "gpu", "--device 'gpu': expected cpu, cuda or cuda:N"),
+    ("--device", "meta", "--device 'meta': expected cpu, cuda or cuda:N"),
+])
+def test_bad_sdpa_and_device_are_one_line_errors(capsys, flag, value, expected):
+    kwargs = {"sdpa_backend" if flag == "--sdpa" else "device": value}
+    with pytest.raises(VitkitError) as error:
+        benchmark_throughput(model="tiny", config=TINY, peers=[], **{**QUICK, **kwargs})
+    assert str(error.value) == expected
+    assert main(["bench", "throughput", "--model", "ViT-Ti/16", "--img-size", "32", flag, value]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_cuda_is_a_one_line_error():
+    with pytest.raises(VitkitError, match="--device cuda:1: CUDA is not available here"):
+        benchmark_throughput(model="tiny", config=TINY, peers=[], **{**QUICK, "device": "cuda:1"})
+
+
+def test_peak_rss_is_the_measured_runs_own_where_linux_resets_it():
+    import numpy as np
+
+    from vitkit.bench import peak_rss_gb, reset_peak_rss
+
+    reset_peak_rss()
+    before = peak_rss_gb()
+    block = np.ones(256 * 2 ** 20 // 8)  # 256 MiB, touched, so resident
+    during = peak_rss_gb()
+    del block
+    assert during - before > 0.2  # the high-water mark saw the block
+    if reset_peak_rss() == "run":
+        assert peak_rss_gb() < during - 0.2  # a new window no longer remembers it
+    else:
+        assert peak_rss_gb() >= during  # the process's high-water mark only grows
+
+
 def test_onnxruntime_peer_runs_the_exported_model_for_inference_only(capsys):
     rows = benchmark_throughput(model="tiny", config=TINY, batch_size=2, precision="fp32",
                                 peers=["onnxruntime"], **QUICK)
     assert [(r["impl"], r["mode"]) for r in rows] == [("vitkit", "infer"), ("onnxruntime", "infer"), ("vitkit", "train")]
     assert rows[1]["img_per_s"] > 0 and set(rows[0]["ratios"]) == {"onnxruntime"} and rows[2]["ratios"] == {}
+    assert rows[1]["peak_mem_gb"] is None and rows[1]["peak_rss_gb"] > 0.05
     rows = benchmark_throughput(model="tiny", config=TINY, batch_size=2, precision="bf16", peers=["onnxruntime"],
                                 modes=["infer"], **QUICK)
     assert [r["impl"] for r in rows] == ["vitkit"]

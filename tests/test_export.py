@@ -80,3 +80,161 @@ def test_report_says_when_zero_logits_made_the_check_vacuous(tmp_path):
     assert "compared zeros" in str(export_model(fresh, format="torchscript", out=tmp_path / "m.pt"))
     trained = randomize(VisionTransformer(ViTConfig(**TINY)))
     assert "compared zeros" not in str(export_model(trained, format="torchscript", out=tmp_path / "n.pt"))
+
+
+# ---------------------------------------------------------------------------- one file, self-contained
+def test_onnx_is_one_self_contained_file(model, tmp_path):
+    """The weights live inside the .onnx: copied alone to another folder, it still runs."""
+    import shutil
+
+    import onnxruntime
+
+    (tmp_path / "out").mkdir()
+    report = export_model(model, format="onnx", out=tmp_path / "out" / "m.onnx")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["m.onnx"]
+    assert report.data_path is None and report.files == [tmp_path / "out" / "m.onnx"]
+    (tmp_path / "elsewhere").mkdir()
+    copy = shutil.copy(tmp_path / "out" / "m.onnx", tmp_path / "elsewhere" / "copy.onnx")
+    session = onnxruntime.InferenceSession(str(copy), providers=["CPUExecutionProvider"])
+    x = torch.randn(2, 3, 40, 24)
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-5
+
+
+def test_onnx_too_large_for_one_file_names_both_files(model, tmp_path, monkeypatch):
+    # Past protobuf's limit the exporter must put the weights beside the .onnx: pretend every
+    # model is that large, and the report has to name the second file.
+    from torch.onnx._internal.exporter import _onnx_program
+
+    monkeypatch.setattr(_onnx_program, "_LARGE_MODEL_THRESHOLD", 0)
+    report = export_model(model, format="onnx", out=tmp_path / "m.onnx")
+    assert report.data_path == tmp_path / "m.onnx.data" and report.data_path.stat().st_size > 0
+    assert report.files == [tmp_path / "m.onnx", tmp_path / "m.onnx.data"]
+    assert "m.onnx.data" in str(report) and "keep the two files together" in str(report)
+
+
+def test_a_leftover_data_file_is_not_reported_as_the_weights(model, tmp_path):
+    (tmp_path / "m.onnx.data").write_bytes(b"from an earlier export")
+    report = export_model(model, format="onnx", out=tmp_path / "m.onnx")
+    assert report.data_path is None and ".data" not in str(report)
+
+
+# ---------------------------------------------------------------------------- bad --out, bad models, grid limits
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript", "exported-program"])
+def test_out_that_is_a_folder_is_refused(model, tmp_path, fmt):
+    with pytest.raises(VitkitError, match=r"^--out .*: is a folder"):
+        export_model(model, format=fmt, out=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_out_that_is_a_folder_is_one_line_in_the_cli(tmp_path, capsys, monkeypatch):
+    import vitkit.cli as cli
+
+    monkeypatch.setattr(cli, "_model_from", lambda source, model_name=None: VisionTransformer(ViTConfig(**TINY)))
+    assert main(["export", "tiny", "--format", "torchscript", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--out" in err and "is a folder" in err and "\n" not in err and "Traceback" not in err
+
+
+def test_area_interpolation_is_refused_for_onnx_and_exports_elsewhere(tmp_path):
+    area = randomize(VisionTransformer(ViTConfig(**TINY, pos_embed_interpolation="area"))).eval()
+    with pytest.raises(VitkitError, match="'area' interpolation.*cannot be exported to ONNX.*bicubic or bilinear"):
+        export_model(area, format="onnx", out=tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+    # The other formats resample with the same operation as PyTorch, at every grid.
+    report = export_model(area, format="exported-program", out=tmp_path / "m.pt2")
+    assert not report.zero_logits and all(e < 1e-5 for e in report.checks.values())
+
+
+def test_exported_graphs_take_two_patches_per_side_at_least(model, tmp_path):
+    with pytest.raises(VitkitError, match=r"--img-size 8: exported graphs take 2 to 128 patches per side, 16 to 1024"):
+        export_model(model, format="exported-program", out=tmp_path / "m.pt2", img_size=8)
+    with pytest.raises(VitkitError, match=r"--img-size 1032: exported graphs take 2 to 128"):
+        export_model(model, format="onnx", out=tmp_path / "m.onnx", img_size=1032)
+    one_patch = VisionTransformer(ViTConfig(**{**TINY, "img_size": 8}))
+    with pytest.raises(VitkitError, match=r"the model's image size 8x8 \(set --img-size\)"):
+        export_model(one_patch, format="torchscript", out=tmp_path / "m.pt")
+    # The documented minimum: a 2x2 grid runs and matches PyTorch; a 1-patch side is refused by
+    # the program's own input check, which names the minimum size.
+    export_model(model, format="exported-program", out=tmp_path / "m.pt2")
+    program = torch.export.load(str(tmp_path / "m.pt2")).module()
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(program(x), model(x))
+        with pytest.raises(Exception, match=">= 16"):
+            program(torch.randn(1, 3, 8, 16))
+
+
+# ---------------------------------------------------------------------------- hybrids
+def _randomize_hybrid(model):
+    """Random weights; norm scales near 1 so the CNN's signal reaches the logits."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            is_norm_scale = p.ndim == 1 and name.endswith("weight")
+            p.copy_(1 + 0.2 * torch.randn_like(p) if is_norm_scale else 0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+class _Deadline:
+    """Fail instead of hanging: the hybrid export once spent minutes in sympy."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+
+    def __enter__(self):
+        import signal
+
+        def expired(signum, frame):
+            raise TimeoutError(f"export took over {self.seconds} s")
+
+        self.previous = signal.signal(signal.SIGALRM, expired)
+        signal.alarm(self.seconds)
+
+    def __exit__(self, *exc):
+        import signal
+
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, self.previous)
+
+
+RESNET_TINY = dict(img_size=32, patch_size=1, embed_dim=32, depth=1, num_heads=2, mlp_dim=64, num_classes=5,
+                   hybrid_stem={"type": "resnet", "layers": [1, 1], "stride": 8, "width": 32})
+CONV_TINY = dict(embed_dim=32, depth=1, num_heads=2, mlp_dim=64,
+                 hybrid_stem={"type": "conv", "stride": 4, "channels": [8, 16, 16], "strides": [1, 2, 2]})
+
+
+@pytest.mark.parametrize("fmt,ext", [("exported-program", "pt2"), ("onnx", "onnx")])
+def test_resnet_hybrid_exports_with_dynamic_sizes(tmp_path, fmt, ext):
+    from vitkit import create_model
+
+    hybrid = _randomize_hybrid(create_model(ViTConfig(**RESNET_TINY)))
+    with _Deadline(90):
+        report = export_model(hybrid, format=fmt, out=tmp_path / f"m.{ext}")
+    assert list(report.checks) == ["2x32x32", "3x48x40"] and not report.zero_logits
+    assert all(e < 1e-4 for e in report.checks.values()), report.checks
+    # A third size, straight from the file: 40x24 pads the ResNet's convs asymmetrically (TF SAME).
+    x = torch.randn(1, 3, 40, 24)
+    if fmt == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(report.path), providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    else:
+        got = torch.export.load(str(report.path)).module()(x)
+    with torch.no_grad():
+        torch.testing.assert_close(got, hybrid(x), atol=1e-4, rtol=1e-4)
+
+
+def test_conv_stem_hybrid_exports_with_dynamic_sizes(tmp_path):
+    from vitkit import create_model
+
+    hybrid = _randomize_hybrid(create_model("vit_cifar_conv", **CONV_TINY))
+    with _Deadline(90):
+        report = export_model(hybrid, format="exported-program", out=tmp_path / "m.pt2")
+    assert list(report.checks) == ["2x32x32", "3x40x36"] and not report.zero_logits
+    assert all(e < 1e-4 for e in report.checks.values()), report.checks
+    x = torch.randn(2, 3, 24, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.export.load(str(report.path)).module()(x), hybrid(x), atol=1e-4, rtol=1e-4)

@@ -54,6 +54,23 @@ def test_tiny_hybrid_matches_timm(img_size):
     assert model.patch_embed(x).shape == (2, (img_size[0] // 8) * (img_size[1] // 8), 32)
 
 
+def test_same_padding_matches_timms_for_every_size():
+    # The padding is computed without ceil (so export sees constants); it must still be TF's
+    # "SAME" for sizes the stride divides and for those it does not (eager callers of StdConv2d).
+    from timm.layers.padding import pad_same
+
+    from vitkit.hybrid import _pad_same
+
+    for kernel, stride in [(1, 1), (1, 2), (3, 1), (3, 2), (7, 2), (2, 3)]:
+        for h, w in [(1, 1), (5, 8), (8, 5), (13, 24), (24, 13), (31, 40)]:
+            x = torch.randn(1, 1, h, w)
+            torch.testing.assert_close(_pad_same(x, kernel, stride), pad_same(x, [kernel] * 2, [stride] * 2),
+                                       rtol=0, atol=0, msg=f"k={kernel} s={stride} {h}x{w}")
+    x = torch.randn(1, 1, 7, 6)
+    assert torch.equal(_pad_same(x, 3, 2, value=float("-inf")),
+                       pad_same(x, [3, 3], [2, 2], value=float("-inf")))
+
+
 def test_root_only_hybrid_matches_timm():
     ref = _randomize(_timm_tiny_hybrid(32, layers=(), patch_size=2)).eval()
     spec = {"type": "resnet", "layers": [], "stride": 4, "width": 32}

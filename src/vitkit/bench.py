@@ -12,11 +12,18 @@ Timing: random inputs, warm-up steps excluded, CUDA events on a GPU (perf_counte
 `steps` steps per repeat, the median of `repeats` repeats. MFU = achieved model FLOP/s over the
 device's measured dense bf16 matmul rate (`measure_matmul_tflops`), with model FLOPs from
 `vitkit.model.count_flops` (forward; a training step counts 3x forward).
+
+Memory: `peak_mem_gb` is the CUDA allocator's peak (None on the CPU, which has no such
+allocator). `peak_rss_gb` is the process's peak resident set size, on every device: host RAM the
+whole process holds (the Python runtime and libraries included, not the model alone). It is reset
+before each row's timed run where Linux allows it (`peak_rss_scope` "run"); elsewhere it is the
+high-water mark since the process started ("process"), which carries over from row to row.
 """
 
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -27,17 +34,42 @@ from torch import nn
 
 from .config import ViTConfig
 from .errors import VitkitError
+from .fast import SDPA_BACKENDS
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PEERS = ("timm", "hf", "onnxruntime")  # onnxruntime: vitkit exported to ONNX, CPU fp32 inference
 MODES = ("infer", "train")
 FIELDS = ("impl", "mode", "model", "batch_size", "img_size", "precision", "compile", "device",
-          "img_per_s", "step_ms", "mfu", "peak_mem_gb", "levers", "ratios")
+          "img_per_s", "step_ms", "mfu", "peak_mem_gb", "peak_rss_gb", "peak_rss_scope", "levers", "ratios")
+DEVICE_TYPES = ("cpu", "cuda")  # time_steps knows how to time these two
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def reset_peak_rss() -> str:
+    """Start a new peak-RSS window; returns the scope `peak_rss_gb` will then have: "run" when
+    the kernel's high-water mark was reset (Linux: writing 5 to /proc/self/clear_refs), else
+    "process" (the peak since the process started)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return "run"
+    except OSError:  # not Linux, or a sandbox that forbids it
+        return "process"
+
+
+def peak_rss_gb() -> float | None:
+    """The process's peak resident set size in GiB (getrusage's ru_maxrss: KiB on Linux, bytes on
+    macOS); None where there is no getrusage (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss * (1 if sys.platform == "darwin" else 1024) / 2 ** 30
 
 
 def time_steps(step: Callable[[], object], *, device: torch.device, steps: int, repeats: int,
@@ -179,8 +211,10 @@ def _measure(*, impl: str, build: Callable[[], nn.Module], mode: str, config: Vi
             optimizer.zero_grad(set_to_none=True)
             return loss
 
+    scope = reset_peak_rss()
     seconds = statistics.median(time_steps(step, device=device, steps=steps, repeats=repeats, warmup=warmup))
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+    rss = peak_rss_gb()
     levers = []
     chosen = attention_backends(backend, device=device)
     if chosen is not None:
@@ -189,7 +223,7 @@ def _measure(*, impl: str, build: Callable[[], nn.Module], mode: str, config: Vi
         levers.append("grad-checkpointing")
     del model, run
     return {"impl": impl, "mode": mode, "step_ms": seconds * 1e3, "img_per_s": batch_size / seconds,
-            "peak_mem_gb": peak, "levers": ",".join(levers) or "-"}
+            "peak_mem_gb": peak, "peak_rss_gb": rss, "peak_rss_scope": scope, "levers": ",".join(levers) or "-"}
 
 
 def benchmark_throughput(*, model: str, batch_size: int = 64, precision: str = "bf16", compile: bool = False,
@@ -235,9 +269,9 @@ def benchmark_throughput(*, model: str, batch_size: int = 64, precision: str = "
             config = config.replace(**changes)
         except ValueError as error:
             raise VitkitError(f"--img-size: {error}") from None
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise VitkitError(f"--device {device}: CUDA is not available here")
+    if sdpa_backend not in SDPA_BACKENDS:
+        raise VitkitError(f"--sdpa: expected one of {', '.join(SDPA_BACKENDS)}, got {sdpa_backend!r}")
+    dev = _device(device)
     dtype = PRECISIONS[precision]
 
     from .model import VisionTransformer
@@ -309,10 +343,31 @@ def _measure_onnxruntime(*, build: Callable[[], nn.Module], config: ViTConfig, b
         session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     x = torch.randn(batch_size, config.in_chans, *config.img_size).numpy()
     name = session.get_inputs()[0].name
+    scope = reset_peak_rss()
     seconds = statistics.median(time_steps(lambda: session.run(None, {name: x}), device=torch.device("cpu"),
                                            steps=steps, repeats=repeats, warmup=warmup))
     return {"impl": "onnxruntime", "mode": "infer", "step_ms": seconds * 1e3, "img_per_s": batch_size / seconds,
-            "peak_mem_gb": None, "levers": "-"}
+            "peak_mem_gb": None, "peak_rss_gb": peak_rss_gb(), "peak_rss_scope": scope, "levers": "-"}
+
+
+def _device(device: str | None) -> torch.device:
+    """`--device` as a torch.device this benchmark can time; a one-line error otherwise."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    expected = "expected cpu, cuda or cuda:N"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise VitkitError(f"--device {device!r}: {expected}") from None
+    if dev.type not in DEVICE_TYPES:
+        raise VitkitError(f"--device {device!r}: {expected}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise VitkitError(f"--device {device}: CUDA is not available here")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise VitkitError(f"--device {device}: there are {torch.cuda.device_count()} CUDA device(s), "
+                              f"numbered from 0")
+    return dev
 
 
 def _device_name(device: torch.device) -> str:
@@ -328,12 +383,19 @@ def format_table(rows: Sequence[dict]) -> str:
     first = rows[0]
     lines = [f"{first['model']}  batch {first['batch_size']}  {first['img_size']} px  {first['precision']}  "
              f"{first['compile']}  on {first['device']}  (bf16 matmul {first['matmul_tflops']:.1f} TFLOP/s)",
-             f"{'impl':<11} {'mode':<6} {'img/s':>10} {'step ms':>9} {'MFU':>6} {'peak GB':>8}  {'vs peers':<24} levers"]
+             f"{'impl':<11} {'mode':<6} {'img/s':>10} {'step ms':>9} {'MFU':>6} {'peak GB':>8} {'RSS GB':>7}  "
+             f"{'vs peers':<24} levers"]
     for r in rows:
         ratios = " ".join(f"{k}={v:.2f}x" for k, v in r["ratios"].items()) or "-"
         peak = f"{r['peak_mem_gb']:.2f}" if r["peak_mem_gb"] is not None else "-"
+        # A '+' marks a process-lifetime high-water mark, which carries over from earlier rows.
+        rss = ("-" if r["peak_rss_gb"] is None
+               else f"{r['peak_rss_gb']:.2f}" + ("+" if r["peak_rss_scope"] == "process" else ""))
         lines.append(f"{r['impl']:<11} {r['mode']:<6} {r['img_per_s']:>10.1f} {r['step_ms']:>9.2f} "
-                     f"{r['mfu'] * 100:>5.1f}% {peak:>8}  {ratios:<24} {r['levers']}")
+                     f"{r['mfu'] * 100:>5.1f}% {peak:>8} {rss:>7}  {ratios:<24} {r['levers']}")
+    since = ("; '+': since the process started, not this row's run"
+             if any(r["peak_rss_scope"] == "process" for r in rows) else " during the row's run")
+    lines.append(f"peak GB: the CUDA allocator's peak; RSS GB: the whole process's peak resident host memory{since}")
     return "\n".join(lines)
 
 

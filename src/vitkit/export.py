@@ -1,8 +1,16 @@
 """Export a ViT for serving: ONNX, TorchScript or a `torch.export` program, each taking any
-batch size and any image size divisible by the patch size. The position embeddings resample
-inside the graph (`resample_pos_embed` always runs when exporting), so one file serves every
-resolution. Every export is loaded back and checked against PyTorch's logits at two resolutions
-(onnxruntime for ONNX) before it is reported done.
+batch size and any image size divisible by the patch size (the stem's stride for hybrids). The
+position embeddings resample inside the graph (`resample_pos_embed` always runs when exporting),
+so one file serves every resolution. Every export is loaded back and checked against PyTorch's
+logits at two resolutions (onnxruntime for ONNX) before it is reported done.
+
+Image sizes the ONNX and exported-program graphs accept: MIN_GRID to MAX_GRID patches per side
+(2 to 128: 32 to 2048 px at P=16). The lower bound is torch.export's: it traces with sizes of at
+least 2 and assumes a dimension never shrinks to 1 (where broadcasting would change meaning), so
+a 1x1 grid is refused by the exported program's input check rather than computed.
+
+An ONNX file holds its weights in itself up to the 2 GB protobuf limit; a larger model's weights
+go to `OUT.onnx.data` beside it, which the report names (keep the two files together).
 """
 
 from __future__ import annotations
@@ -18,6 +26,8 @@ from torch import Tensor, nn
 from .errors import VitkitError
 
 FORMATS = ("onnx", "torchscript", "exported-program")
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2"}
+MIN_GRID = 2  # the smallest patch grid side an exported graph accepts (see the module docstring)
 MAX_GRID = 128  # the largest patch grid side an exported graph accepts (2048 px at P=16)
 
 
@@ -29,12 +39,20 @@ class ExportReport:
     format: str
     checks: dict[str, float] = field(default_factory=dict)  # "BxHxW" -> relative L2 error
     zero_logits: bool = False  # a zero-initialised head: the logits check could not fail
+    data_path: Path | None = None  # ONNX weights over 2 GB live here, beside `path`
+
+    @property
+    def files(self) -> list[Path]:
+        """Every file the export wrote; all of them are needed to load it."""
+        return [self.path] + ([self.data_path] if self.data_path is not None else [])
 
     def __str__(self) -> str:
         checks = ", ".join(f"{k}: rel. error {v:.1e}" for k, v in self.checks.items())
         note = ("; note: the model's logits are all zero (an untrained, zero-initialised head), so the "
                 "check compared zeros" if self.zero_logits else "")
-        return f"wrote {self.path} ({self.format}); checked against PyTorch at {checks}{note}"
+        wrote = (f"{self.path} and its weights {self.data_path} (keep the two files together)"
+                 if self.data_path is not None else str(self.path))
+        return f"wrote {wrote} ({self.format}); checked against PyTorch at {checks}{note}"
 
 
 def _example_sizes(model: nn.Module, img_size: int | None) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -42,9 +60,17 @@ def _example_sizes(model: nn.Module, img_size: int | None) -> tuple[tuple[int, i
     config = model.config
     stride = config.stem_stride
     H, W = (img_size, img_size) if img_size is not None else config.img_size
+    what = f"--img-size {img_size}" if img_size is not None else f"the model's image size {H}x{W} (set --img-size)"
     if H % stride[0] or W % stride[1]:
-        raise VitkitError(f"--img-size {H}: must be divisible by the model's stride {stride[0]}")
-    return (H, W), (H + 2 * stride[0], W + stride[1])
+        raise VitkitError(f"{what}: must be divisible by the model's stride {stride[0]}")
+    grid = (H // stride[0], W // stride[1])
+    if not all(MIN_GRID <= g <= MAX_GRID for g in grid):
+        raise VitkitError(f"{what}: exported graphs take {MIN_GRID} to {MAX_GRID} patches per side, "
+                          f"{MIN_GRID * stride[0]} to {MAX_GRID * stride[0]} px at stride {stride[0]}")
+    # The check's second grid is larger, and non-square, unless that would pass the maximum.
+    h2 = grid[0] + 2 if grid[0] + 2 <= MAX_GRID else grid[0] - 2
+    w2 = grid[1] + 1 if grid[1] + 1 <= MAX_GRID else grid[1] - 1
+    return (H, W), (h2 * stride[0], w2 * stride[1])
 
 
 def _relative_error(out: Tensor, ref: Tensor) -> float:
@@ -57,19 +83,34 @@ def export_model(model: nn.Module, *, format: str, out: str | Path, img_size: in
     """Write `model` (a vitkit VisionTransformer, in float32) to `out` as `format` (see FORMATS)
     with a dynamic batch and image size, load the file back, and check its logits against the
     model's at the example size (`img_size`, default the model's) and at a larger, non-square one.
-    Raises VitkitError if the relative L2 error exceeds `tolerance` at either."""
+    Raises VitkitError if the relative L2 error exceeds `tolerance` at either.
+
+    Exported graphs are for MIN_GRID to MAX_GRID patches per side (2 to 128): the example size
+    must lie in that range, and the ONNX and exported-program graphs are built for exactly it (the
+    exported program refuses other sizes when called). A model whose position embeddings resample
+    with 'area' interpolation is refused for ONNX, which can express that only at a fixed size."""
     if format not in FORMATS:
         raise VitkitError(f"--format: expected one of {', '.join(FORMATS)}, got {format!r}")
     if not hasattr(model, "config"):
         raise VitkitError(f"export needs a vitkit VisionTransformer, got {type(model).__name__}")
     out = Path(out)
+    if out.is_dir():
+        example_file = out / ("model" + SUFFIXES[format])
+        raise VitkitError(f"--out {out}: is a folder; give the file to write, e.g. {example_file}")
     if not out.parent.exists():
         raise VitkitError(f"--out {out}: the folder {out.parent} does not exist")
+    if format == "onnx" and model.config.pos_embed_interpolation == "area":
+        # torch lowers area resizing to an adaptive average pool, which ONNX has only with a fixed
+        # output size: the graph would be pinned to the example's grid and fail at any other.
+        raise VitkitError("--format onnx: the model resamples its position embeddings with 'area' interpolation, "
+                          "which cannot be exported to ONNX with dynamic image sizes; use pos_embed_interpolation "
+                          "bicubic or bilinear, or --format exported-program / torchscript")
     model = model.eval()
     param = next(model.parameters())
     (H, W), (H2, W2) = _example_sizes(model, img_size)
     C = model.config.in_chans
     example = torch.randn(2, C, H, W, device=param.device, dtype=param.dtype)
+    data_path = None
 
     if format == "torchscript":
         with torch.no_grad(), warnings.catch_warnings():
@@ -87,9 +128,9 @@ def export_model(model: nn.Module, *, format: str, out: str | Path, img_size: in
             torch.export.save(program, str(out))
             run = torch.export.load(str(out)).module()
         else:
-            run = _write_onnx(model, program, example, out)
+            run, data_path = _write_onnx(model, program, example, out)
 
-    report = ExportReport(path=out, format=format)
+    report = ExportReport(path=out, format=format, data_path=data_path)
     for batch, (h, w) in ((2, (H, W)), (3, (H2, W2))):
         x = torch.randn(batch, C, h, w, device=param.device, dtype=param.dtype)
         with torch.no_grad():
@@ -107,8 +148,10 @@ def export_model(model: nn.Module, *, format: str, out: str | Path, img_size: in
 def _dynamic_shapes(model: nn.Module) -> dict:
     stride = model.config.stem_stride
     batch = torch.export.Dim("batch", min=1, max=4096)
-    grid_h = torch.export.Dim("grid_h", min=1, max=MAX_GRID)
-    grid_w = torch.export.Dim("grid_w", min=1, max=MAX_GRID)
+    # min=1 would be a promise the program cannot keep: export specialises every dynamic size
+    # against 1, so a 1-patch side failed later with a bare "Guard failed". Say the real minimum.
+    grid_h = torch.export.Dim("grid_h", min=MIN_GRID, max=MAX_GRID)
+    grid_w = torch.export.Dim("grid_w", min=MIN_GRID, max=MAX_GRID)
     # H = stride * grid_h: export then knows every input divides into whole patches.
     return {"x": {0: batch, 2: stride[0] * grid_h, 3: stride[1] * grid_w}}
 
@@ -119,7 +162,8 @@ def _export_program(model: nn.Module, example: Tensor) -> torch.export.ExportedP
 
 
 def _write_onnx(model: nn.Module, program: torch.export.ExportedProgram, example: Tensor, out: Path):
-    """Write the ONNX file and return a callable that runs it in onnxruntime."""
+    """Write the ONNX file; return a callable that runs it in onnxruntime, and the path of the
+    external weights file if the model was too large to hold its weights in the .onnx (else None)."""
     try:
         import onnxruntime
     except ImportError:
@@ -127,17 +171,34 @@ def _write_onnx(model: nn.Module, program: torch.export.ExportedProgram, example
     import contextlib
     import io
 
+    # The weights go inside the .onnx (external_data=False), so the one file is the whole model;
+    # torch's default put them in a hidden OUT.onnx.data that a copy of OUT.onnx alone lost.
+    # Past protobuf's 2 GB limit the exporter writes OUT.onnx.data anyway; we then report it.
     # The exporter narrates each stage on stdout; the report says what matters.
     with contextlib.redirect_stdout(io.StringIO()):
         torch.onnx.export(program, (example,), str(out), dynamo=True, input_names=["pixel_values"],
-                          output_names=["logits"], verbose=False)
+                          output_names=["logits"], verbose=False, external_data=False)
+    data_path = _external_data(out)
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
 
     def run(x: Tensor) -> Tensor:
         return torch.from_numpy(session.run(None, {name: x.detach().cpu().numpy()})[0])
 
-    return run
+    return run, data_path
 
 
-__all__ = ["export_model", "ExportReport", "FORMATS"]
+def _external_data(path: Path) -> Path | None:
+    """The external weights file the ONNX model at `path` reads, or None if it holds its own.
+    The file name alone cannot say: an OUT.onnx.data may be left over from an earlier export."""
+    data_path = path.with_name(path.name + ".data")
+    if not data_path.exists():
+        return None
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+    return data_path if external else None
+
+
+__all__ = ["export_model", "ExportReport", "FORMATS", "MIN_GRID", "MAX_GRID"]

@@ -22,7 +22,6 @@ Parameter names are timm's (`patch_embed.backbone.stem.conv`, `...stages.0.block
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -72,7 +71,12 @@ def _pad_same(x: Tensor, kernel: int, stride: int, value: float = 0.0) -> Tensor
     """TF's "SAME" padding: output size ceil(in / stride), the extra pixel on the bottom/right."""
     pads = []
     for size in (x.shape[-1], x.shape[-2]):  # F.pad wants the last dimension (W) first
-        total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+        # (ceil(n / s) - 1) * s + k - n reduces to k - s when s divides n, else k - n % s. Written
+        # this way the pad is a plain int whenever export knows the size is a multiple of the
+        # stride (HybridEmbed only accepts such images), instead of a ceil/max of a symbolic size
+        # that sent torch.export's symbolic solver into minutes of sympy.
+        remainder = size % stride
+        total = max(kernel - stride, 0) if remainder == 0 else max(kernel - remainder, 0)
         pads += [total // 2, total - total // 2]
     return F.pad(x, pads, value=value) if any(pads) else x
 
