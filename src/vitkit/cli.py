@@ -284,7 +284,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="variant name, for weight files that cannot say the whole architecture")
     p.add_argument("--format", required=True, choices=("onnx", "torchscript", "exported-program"))
     p.add_argument("--out", required=True, help="the file to write (.onnx, .pt, .pt2)")
-    p.add_argument("--img-size", type=int, help="the example image side used for tracing (default: the model's)")
+    p.add_argument("--img-size", type=int, help="the example image side used for tracing (default: the model's); "
+                                                "the exported model takes any size of 2 to 128 patches per side")
     p.set_defaults(run=_run_export)
 
 
