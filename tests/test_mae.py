@@ -161,3 +161,38 @@ def test_pretrain_keeps_an_existing_run(tmp_path):
     with pytest.raises(vitkit.VitkitError, match="already holds"):
         pretrain_mae(**kw)
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+
+
+def test_pretrain_resume_gives_the_uninterrupted_run(tmp_path, monkeypatch, capsys):
+    import vitkit.checkpoint as checkpoint_module
+    from vitkit.weights import read_state_dict
+
+    _write_folder(tmp_path / "data")
+    kw = dict(model=ViTConfig(**TINY), data=str(tmp_path / "data"), epochs=3, batch_size=8, decoder_dim=32,
+              decoder_depth=1, log=False)
+    pretrain_mae(out=tmp_path / "ref", **kw)
+
+    class Killed(BaseException):
+        pass
+
+    real, saves = checkpoint_module.save_checkpoint, []
+
+    def dies_after_two(*args, **kwargs):  # the process dies right after epoch 2's checkpoint
+        saves.append(real(*args, **kwargs))
+        if len(saves) == 2:
+            raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint_module, "save_checkpoint", dies_after_two)
+        with pytest.raises(Killed):
+            pretrain_mae(out=tmp_path / "run", **kw)
+    with pytest.raises(vitkit.VitkitError, match="--resume"):
+        pretrain_mae(out=tmp_path / "run", **kw)  # a fresh start would overwrite it
+    assert main(["pretrain", "--resume", str(tmp_path / "run"), "--device", "cpu"]) == 0
+    got, want = (read_state_dict(tmp_path / name / "last" / "model.safetensors") for name in ("run", "ref"))
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=1e-6, rtol=0, msg=key)
+    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3]
+    assert main(["pretrain", "--resume", str(tmp_path / "run"), "--data", "elsewhere"]) == 2
+    assert "--data cannot change" in capsys.readouterr().err

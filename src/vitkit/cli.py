@@ -417,11 +417,14 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
                                    "image's patches, a small decoder paints the rest. Writes OUT/last (the encoder, "
                                    "for `vitkit train --init OUT`), OUT/reconstructions/*.png and OUT/metrics.jsonl.")
     p.add_argument("--method", default="mae", choices=("mae",), help="pre-training method (default mae)")
-    p.add_argument("--model", required=True, help="variant name (vit_cifar, ViT-S/16, ...) or a load_pretrained "
-                                                  "source to continue from")
-    p.add_argument("--data", help="image folder or archive (labels ignored); default: the built-in CIFAR-10 sample")
-    p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--model", help="variant name (vit_cifar, ViT-S/16, ...) or a load_pretrained source to "
+                                   "continue from (required unless --resume)")
+    p.add_argument("--data", help="a folder or archive of images in any layout (labels ignored); default: the "
+                                  "built-in CIFAR-10 sample")
+    p.add_argument("--out", help="run directory (required unless --resume)")
+    p.add_argument("--resume", metavar="RUN", help="continue a pre-training run from its last epoch, with its "
+                                                   "settings (--epochs and --device may change)")
+    p.add_argument("--epochs", type=int, help="default 100")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1.5e-4, help="base LR per 256 images (scaled with --batch-size)")
     p.add_argument("--weight-decay", type=float, default=0.05)
@@ -444,6 +447,17 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     from .mae import pretrain_mae
     from .variants import resolve
 
+    if args.resume:
+        fixed = [f"--{name.replace('_', '-')}" for name in ("model", "out", "data", "patch_size", "img_size", "max_train")
+                 if getattr(args, name) is not None]
+        if fixed:
+            raise VitkitError(f"--resume continues a run with its own settings; {', '.join(fixed)} cannot change")
+        result = pretrain_mae(out=args.resume, resume=True, epochs=args.epochs, device=args.device)
+        print(f"encoder: {result.run_dir / 'last'}  (fine-tune: vitkit train --init {result.run_dir} ...)")
+        return EXIT_OK
+    missing = [flag for flag, value in (("--model", args.model), ("--out", args.out)) if not value]
+    if missing:
+        raise VitkitError(f"{' and '.join(missing)} required (or --resume RUN)")
     overrides = {k: v for k, v in (("patch_size", args.patch_size), ("img_size", args.img_size)) if v is not None}
     if Path(args.model).exists():
         if overrides:

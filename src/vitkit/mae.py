@@ -215,42 +215,64 @@ class PretrainResult:
     figures: list[Path] = field(default_factory=list)
 
 
-def pretrain_mae(*, model: str | ViTConfig | VisionTransformer, out: str | Path, data: str | None = None,
-                 epochs: int = 100, batch_size: int = 256, lr: float = 1.5e-4, weight_decay: float = 0.05,
-                 warmup_epochs: int = 5, mask_ratio: float = 0.75, decoder_dim: int = 128, decoder_depth: int = 4,
-                 decoder_heads: int = 4, img_size: int | None = None, device: str | None = None, seed: int = 0,
+SETTINGS_FILE = "pretrain.json"  # a run's settings, so that --resume can rebuild it
+
+
+def pretrain_mae(*, model: str | ViTConfig | VisionTransformer | None = None, out: str | Path,
+                 data: str | None = None, epochs: int | None = None, batch_size: int = 256, lr: float = 1.5e-4,
+                 weight_decay: float = 0.05, warmup_epochs: int = 5, mask_ratio: float = 0.75,
+                 decoder_dim: int = 128, decoder_depth: int = 4, decoder_heads: int = 4,
+                 img_size: int | None = None, device: str | None = None, seed: int = 0,
                  max_train: int | None = None, max_val_batches: int = 4, draw: int = 6,
-                 log: bool = True) -> PretrainResult:
+                 log: bool = True, resume: bool = False) -> PretrainResult:
     """Pre-train `model`'s encoder as a masked autoencoder on the images of `data` (labels ignored).
 
     model: a variant name, a ViTConfig or a VisionTransformer (e.g. to continue from weights).
     data: any folder or archive of images, in any layout (an ImageFolder's splits are kept), or
         anything else `vitkit.data.build_data` reads; None is the CIFAR-10 sample in the package.
     lr: the base LR per 256 images, scaled linearly with batch_size (MAE's rule; 1.5e-4 is theirs).
-    Writes to `out`: last/ (the encoder as a vitkit model without a head, plus train_state.pt with
-    the decoder and optimiser), reconstructions/epoch_NNN.png (original | masked | reconstruction,
-    `draw` validation images; the first, every tenth of the run and the last epoch), and
-    metrics.jsonl (one line per epoch).
+    epochs: default 100, or on resume the run's own.
+    resume: continue the run in `out` from its last epoch (its saved settings apply; `epochs` and
+        `device` may be given anew). The result equals an uninterrupted run's.
+    Writes to `out`: pretrain.json (the settings), last/ (the encoder as a vitkit model without a
+    head, plus train_state.pt with the decoder, optimiser and RNG state, saved every epoch),
+    reconstructions/epoch_NNN.png (original | masked | reconstruction, `draw` validation images;
+    the first, every tenth of the run and the last epoch), metrics.jsonl (one line per epoch) and
+    summary.json.
     """
-    from .checkpoint import save_checkpoint
+    from .checkpoint import load_train_state, save_checkpoint
     from .data import build_data
     from .infer import resolve_device
     from .optim import build_optimizer, lr_at, set_lr
-    from .pretrained import create_model
+    from .pretrained import create_model, load_pretrained
 
+    run_dir = Path(out)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise VitkitError(f"--out {run_dir}: a file, not a directory")
+    state = None
+    if resume:
+        settings, state = _resumed_settings(run_dir, load_train_state)
+        epochs = epochs or settings["epochs"]
+        data, batch_size, lr, weight_decay = settings["data"], settings["batch_size"], settings["lr"], settings["weight_decay"]
+        warmup_epochs, mask_ratio, seed, max_train = (settings["warmup_epochs"], settings["mask_ratio"],
+                                                      settings["seed"], settings["max_train"])
+        decoder_dim, decoder_depth, decoder_heads = (settings["decoder_dim"], settings["decoder_depth"],
+                                                     settings["decoder_heads"])
+    elif (run_dir / "last").exists():
+        raise VitkitError(f"--out {run_dir}: already holds a pre-training run; continue it with --resume {run_dir}, "
+                          f"or choose another directory")
+    epochs = 100 if epochs is None else epochs
     if epochs < 1:
         raise VitkitError(f"--epochs must be at least 1 (got {epochs})")
     if not 0.0 < mask_ratio < 1.0:
         raise VitkitError(f"--mask-ratio must lie in (0, 1) (got {mask_ratio})")
-    run_dir = Path(out)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise VitkitError(f"--out {run_dir}: a file, not a directory")
-    if (run_dir / "last").exists() or (run_dir / "metrics.jsonl").exists():
-        raise VitkitError(f"--out {run_dir}: already holds a pre-training run; choose another directory "
-                          f"(continue from its encoder with --model {run_dir})")
+    if state is not None and epochs < state["progress"]["epoch"]:
+        raise VitkitError(f"--epochs {epochs}: the run in {run_dir} has already done {state['progress']['epoch']}")
     torch.manual_seed(seed)
     dev = resolve_device(device)
-    if isinstance(model, VisionTransformer):
+    if state is not None:
+        encoder = load_pretrained(run_dir / "last")
+    elif isinstance(model, VisionTransformer):
         encoder = model
     else:
         overrides: dict[str, Any] = {"num_classes": 0}  # MAE trains no classifier; fine-tuning adds one
@@ -271,10 +293,28 @@ def pretrain_mae(*, model: str | ViTConfig | VisionTransformer, out: str | Path,
     # The decoder is not a VisionTransformer: optim's layer ids do not apply, plain decay groups do.
     optimizer = build_optimizer(mae, lr=base_lr, weight_decay=weight_decay, betas=(0.9, 0.95))
     run_dir.mkdir(parents=True, exist_ok=True)
+    first_epoch, step, earlier_time = 0, 0, 0.0
+    if state is None or settings["epochs"] != epochs:
+        settings = dict(data=_absolute(data), epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                        warmup_epochs=warmup_epochs, mask_ratio=mask_ratio, decoder_dim=decoder_dim,
+                        decoder_depth=decoder_depth, decoder_heads=decoder_heads, seed=seed, max_train=max_train)
+        text = json.dumps(settings, indent=2) + "\n"
+        atomic_write(run_dir / SETTINGS_FILE, lambda tmp: Path(tmp).write_text(text))
+    if state is None:
+        _keep_epochs(run_dir / "metrics.jsonl", 0)  # a run killed before its first checkpoint left these
+    else:
+        mae.load_state_dict({**{f"encoder.{k}": v for k, v in encoder.state_dict().items()}, **state["decoder"]})
+        optimizer.load_state_dict(state["optimizer"])
+        first_epoch, step = state["progress"]["epoch"], state["progress"]["step"]
+        earlier_time = float(state["progress"].get("wall_time_s", 0.0))
+        torch.set_rng_state(state["rng"]["cpu"])
+        if dev.type == "cuda" and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], dev)
+        _keep_epochs(run_dir / "metrics.jsonl", first_epoch)
     val_images = _spread_batches(bundle.val, max_val_batches)
     result = PretrainResult(run_dir=run_dir, encoder=encoder)
-    step, run_started = 0, time.perf_counter()
-    for epoch in range(epochs):
+    run_started = time.perf_counter()
+    for epoch in range(first_epoch, epochs):
         mae.train()
         started, total, count = time.perf_counter(), 0.0, 0
         for images, _ in bundle.train.iterate(epoch):
@@ -297,21 +337,74 @@ def pretrain_mae(*, model: str | ViTConfig | VisionTransformer, out: str | Path,
                   "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - started, 2)}
         with open(run_dir / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
-        state = {"progress": {"epoch": epoch + 1, "step": step}, "method": "mae",
-                 "decoder": {k: v.detach().cpu() for k, v in mae.state_dict().items() if not k.startswith("encoder.")},
-                 "optimizer": optimizer.state_dict()}
-        save_checkpoint(run_dir, tag="last", model=encoder, train_state=state)
+        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None}
+        progress = {"epoch": epoch + 1, "step": step, "wall_time_s": earlier_time + time.perf_counter() - run_started}
+        train_state = {"progress": progress, "method": "mae", "rng": rng,
+                       "decoder": {k: v.detach().cpu() for k, v in mae.state_dict().items() if not k.startswith("encoder.")},
+                       "optimizer": optimizer.state_dict()}
+        save_checkpoint(run_dir, tag="last", model=encoder, train_state=train_state)
         if log:
             print(f"epoch {epoch + 1}/{epochs}  train loss {record['train_loss']:.4f}  val loss "
                   f"{record['val_loss']:.4f}  {record['seconds']:.1f}s", flush=True)
     # The same wall-time field as a training run's summary, so benchmarks can match compute across arms.
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     summary = {"run_dir": str(run_dir), "method": "mae", "epochs": epochs, "steps": step,
-               "final_train_loss": result.train_loss[-1], "final_val_loss": result.val_loss[-1],
-               "wall_time_s": time.perf_counter() - run_started, "train_images": bundle.train.num_samples,
-               "device": str(dev), "mask_ratio": mask_ratio}
+               "final_train_loss": records[-1]["train_loss"], "final_val_loss": records[-1]["val_loss"],
+               "wall_time_s": earlier_time + time.perf_counter() - run_started,
+               "train_images": bundle.train.num_samples, "device": str(dev), "mask_ratio": mask_ratio}
     text = json.dumps(summary, indent=2) + "\n"
     atomic_write(run_dir / "summary.json", lambda tmp: Path(tmp).write_text(text))
     return result
+
+
+def _absolute(data: str | None) -> str | None:
+    """A local path made absolute, so that --resume works from any directory."""
+    import os
+
+    return os.path.abspath(data) if data is not None and os.path.exists(data) else data
+
+
+def _resumed_settings(run_dir: Path, load_train_state) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The saved settings and training state of a pre-training run, checked before use."""
+    path = run_dir / SETTINGS_FILE
+    if not path.is_file():
+        raise VitkitError(f"--resume {run_dir}: not a pre-training run directory (no {SETTINGS_FILE})")
+    try:
+        settings = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise VitkitError(f"{path}: not readable ({error})") from None
+    expected = {"data": (str, type(None)), "epochs": int, "batch_size": int, "lr": (int, float),
+                "weight_decay": (int, float), "warmup_epochs": int, "mask_ratio": (int, float), "decoder_dim": int,
+                "decoder_depth": int, "decoder_heads": int, "seed": int, "max_train": (int, type(None))}
+    if not isinstance(settings, dict):
+        raise VitkitError(f"{path}: the settings must be a JSON object")
+    wrong = [k for k, kind in expected.items() if not isinstance(settings.get(k, ...), kind)
+             or isinstance(settings.get(k), bool)]
+    if wrong:
+        raise VitkitError(f"{path}: missing or mistyped settings {wrong}")
+    if not (run_dir / "last").exists():
+        raise VitkitError(f"--resume {run_dir}: no checkpoint yet (it stopped before its first epoch ended, so "
+                          "nothing was learnt); run the same command again without --resume")
+    state = load_train_state(run_dir)
+    if state.get("method") != "mae" or not {"decoder", "optimizer", "rng"} <= set(state):
+        raise VitkitError(f"{run_dir / 'last'}: not an MAE pre-training state (written by an older vitkit?)")
+    return settings, state
+
+
+def _keep_epochs(path: Path, last_epoch: int) -> None:
+    """Drop the metrics of epochs after the checkpoint (and a line a kill cut short)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("epoch", 0) <= last_epoch:
+            kept.append(line + "\n")
+    text = "".join(kept)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _spread_batches(loader: Any, count: int) -> Tensor:
