@@ -185,3 +185,26 @@ def test_hf_weights_missing_a_layer_key_are_named(tmp_path):
     save_file(state, str(tmp_path / "hf" / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"hf.*vit\.encoder\.layer\.1\.attention\.attention\.key\.weight"):
         vitkit.load_pretrained(tmp_path / "hf")
+
+
+def test_hf_image_processor_is_followed_on_non_square_images(tmp_path):
+    # ViTImageProcessor resizes straight to 32x32 (no crop, aspect not kept): vitkit's predict must
+    # give HF's pixels on a 48x40 photo, not a shorter-side resize and crop.
+    import numpy as np
+    from PIL import Image
+
+    from vitkit.images import preprocess
+
+    ref = hf_vit()
+    ref.save_pretrained(tmp_path / "hf")
+    processor = transformers.ViTImageProcessor(size={"height": 32, "width": 32}, resample=2,
+                                               image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor.save_pretrained(tmp_path / "hf")
+    model = vitkit.load_pretrained(tmp_path / "hf")
+    assert model.preprocessing.resize_mode == "exact"
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 40, 3), dtype=np.uint8))
+    theirs = processor(photo, return_tensors="pt")["pixel_values"][0]
+    ours = preprocess(photo, model.preprocessing)
+    assert ours.shape == theirs.shape and (ours - theirs).abs().mean() < 0.02  # resampling filters differ slightly
+    vitkit.save_pretrained(model, tmp_path / "ours")  # the mode survives vitkit's own format
+    assert vitkit.load_pretrained(tmp_path / "ours").preprocessing.resize_mode == "exact"

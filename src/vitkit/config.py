@@ -177,6 +177,9 @@ class Preprocessing:
     interpolation: str = "bicubic"
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # the JAX reference maps pixels to [-1, 1]
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    # "shorter": the shorter side to `resize`, then the centre crop (aspect kept). "exact": straight
+    # to the crop size, aspect not kept, as HF's ViTImageProcessor does; `resize` is then unused.
+    resize_mode: str = "shorter"
 
     def __post_init__(self) -> None:
         self.crop = to_2tuple(self.crop)
@@ -186,6 +189,17 @@ class Preprocessing:
             raise ValueError(f"Preprocessing.interpolation: unknown mode {self.interpolation!r}")
         if any(s <= 0 for s in self.std):
             raise ValueError(f"Preprocessing.std: must be positive (got {self.std})")
+        if self.resize_mode not in ("shorter", "exact"):
+            raise ValueError(f"Preprocessing.resize_mode: 'shorter' or 'exact' (got {self.resize_mode!r})")
+
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        """The (H, W) an image of this size is resized to before the centre crop."""
+        crop_h, crop_w = self.crop
+        if self.resize_mode == "exact":
+            return crop_h, crop_w
+        # The shorter side goes to `resize`, but never below the crop, so non-square crops fit.
+        scale = max(self.resize / min(height, width), crop_h / height, crop_w / width)
+        return max(crop_h, round(height * scale)), max(crop_w, round(width * scale))
 
     @classmethod
     def for_size(cls, img_size: tuple[int, int], **kwargs: Any) -> "Preprocessing":
@@ -195,8 +209,11 @@ class Preprocessing:
         return cls(resize=resize, crop=img_size, **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"resize": self.resize, "crop": list(self.crop), "interpolation": self.interpolation,
+        data = {"resize": self.resize, "crop": list(self.crop), "interpolation": self.interpolation,
                 "mean": list(self.mean), "std": list(self.std)}
+        if self.resize_mode != "shorter":  # files of the usual mode stay readable by older versions
+            data["resize_mode"] = self.resize_mode
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "preprocessing") -> "Preprocessing":

@@ -601,8 +601,7 @@ def _eval_resize(x: Tensor, preprocessing: Preprocessing) -> Tensor:
     centre-crop; values rounded to 8 bits as PIL would leave them."""
     crop_h, crop_w = preprocessing.crop
     H, W = x.shape[-2:]
-    scale = max(preprocessing.resize / min(H, W), crop_h / H, crop_w / W)
-    size = (max(crop_h, round(H * scale)), max(crop_w, round(W * scale)))
+    size = preprocessing.resized_size(H, W)
     if size != (H, W):
         mode = preprocessing.interpolation
         extra = {"antialias": True, "align_corners": False} if mode != "nearest" else {}

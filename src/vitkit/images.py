@@ -103,16 +103,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def preprocess(image: Image.Image, preprocessing: Preprocessing) -> Tensor:
-    """RGB image -> normalised float tensor (3, H, W): resize the shorter side, centre-crop, then
-    (x / 255 - mean) / std, as the checkpoint's preprocessing says."""
+    """RGB image -> normalised float tensor (3, H, W): resize (the shorter side, or straight to the
+    crop size), centre-crop, then (x / 255 - mean) / std, as the checkpoint's preprocessing says."""
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as TF
 
     mode = InterpolationMode(preprocessing.interpolation)
     crop_h, crop_w = preprocessing.crop
-    # The shorter side goes to `resize`, but never below the crop, so non-square crops fit.
-    scale = max(preprocessing.resize / min(image.size), crop_h / image.height, crop_w / image.width)
-    size = (max(crop_h, round(image.height * scale)), max(crop_w, round(image.width * scale)))
+    size = preprocessing.resized_size(image.height, image.width)
     image = TF.resize(image, list(size), interpolation=mode, antialias=True)
     image = TF.center_crop(image, [crop_h, crop_w])
     x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W)

@@ -224,8 +224,9 @@ def set_img_size(model: VisionTransformer, img_size: int | tuple[int, int]) -> N
                                    mode=old.pos_embed_interpolation)
     model.pos_embed = torch.nn.Parameter(resampled)
     model.config = new
-    model.preprocessing = Preprocessing.for_size(new.img_size, interpolation=model.preprocessing.interpolation,
-                                                 mean=model.preprocessing.mean, std=model.preprocessing.std)
+    old_pre = model.preprocessing
+    model.preprocessing = Preprocessing.for_size(new.img_size, interpolation=old_pre.interpolation, mean=old_pre.mean,
+                                                 std=old_pre.std, resize_mode=old_pre.resize_mode)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

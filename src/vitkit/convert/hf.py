@@ -194,8 +194,8 @@ def _class_names(meta: dict[str, Any], num_classes: int, config_file: Path) -> l
 
 
 def _read_preprocessing(path: Path, config: ViTConfig) -> Preprocessing | None:
-    """HF's ViTImageProcessor resizes straight to (height, width), without a crop; vitkit's nearest
-    equivalent resizes the shorter side to `height` and centre-crops, identical for square inputs."""
+    """HF's ViTImageProcessor resizes straight to (height, width), without a crop (resize_mode
+    "exact"); a DeiT processor resizes, then centre-crops; `shortest_edge` sizes keep the aspect."""
     if not path.is_file():
         return None
     try:
@@ -203,6 +203,7 @@ def _read_preprocessing(path: Path, config: ViTConfig) -> Preprocessing | None:
         size = meta.get("size", {"height": config.img_size[0], "width": config.img_size[1]})
         if isinstance(size, int):
             size = {"height": size, "width": size}
+        mode = "shorter"
         if "shortest_edge" in size:
             crop = meta.get("crop_size", {"height": size["shortest_edge"], "width": size["shortest_edge"]})
             resize, crop = int(size["shortest_edge"]), (int(crop["height"]), int(crop["width"]))
@@ -210,8 +211,10 @@ def _read_preprocessing(path: Path, config: ViTConfig) -> Preprocessing | None:
             resize, crop = int(size["height"]), (int(size["height"]), int(size["width"]))
             if meta.get("do_center_crop") and "crop_size" in meta:  # DeiT: resize, then crop
                 crop = (int(meta["crop_size"]["height"]), int(meta["crop_size"]["width"]))
+            else:
+                mode = "exact"
         normalise = meta.get("do_normalize", True)
-        return Preprocessing(resize=resize, crop=crop, interpolation=_RESAMPLE.get(meta.get("resample", 2), "bilinear"),
+        return Preprocessing(resize=resize, crop=crop, resize_mode=mode, interpolation=_RESAMPLE.get(meta.get("resample", 2), "bilinear"),
                              mean=tuple(meta.get("image_mean", (0.5, 0.5, 0.5))) if normalise else (0.0, 0.0, 0.0),
                              std=tuple(meta.get("image_std", (0.5, 0.5, 0.5))) if normalise else (1.0, 1.0, 1.0))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
