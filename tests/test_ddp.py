@@ -91,3 +91,12 @@ def test_two_process_run_resumes_in_one_process(shapes, tmp_path, single):
     assert torch.load(out / "last" / "train_state.pt", weights_only=True)["progress"]["step"] == 3
     train(TrainConfig(resume=str(out), progress=False))
     assert _losses(out) == pytest.approx(_losses(single), abs=1e-5)
+
+
+def test_an_error_is_told_once_not_by_every_process(monkeypatch, capsys):
+    from vitkit.cli import main
+
+    for rank, told in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        assert main(["info", "vit_bsae"]) == 2
+        assert ("vit_bsae" in capsys.readouterr().err) == told

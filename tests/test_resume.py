@@ -78,6 +78,12 @@ def test_resume_gives_the_uninterrupted_weights(shapes, tmp_path, monkeypatch, r
     ref_steps = [r for r in read_metrics(ref_dir / "metrics.jsonl") if r["kind"] == "step"]
     assert [r["step"] for r in steps] == list(range(1, 13))
     assert [r["loss"] for r in steps] == pytest.approx([r["loss"] for r in ref_steps], abs=1e-6)
+    # ... and so do the epochs' training loss and accuracy, the interrupted epoch's included.
+    epochs, ref_epochs = ([r for r in read_metrics(d / "metrics.jsonl") if r["kind"] == "epoch"] for d in (out, ref_dir))
+    for key in ("train_loss", "train_acc", "val_acc"):
+        assert [r[key] for r in epochs] == pytest.approx([r[key] for r in ref_epochs], abs=1e-6), key
+    # The summary's wall time counts the work before the interruption too.
+    assert summary["wall_time_s"] > state["progress"]["wall_time"] > 0
 
 
 def test_resume_refuses_another_model(shapes, tmp_path, reference):

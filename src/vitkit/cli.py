@@ -492,6 +492,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_first_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -499,7 +503,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit-time flush
         return code
     except VitkitError as error:
-        print(f"vitkit {args.command}: error: {error}", file=sys.stderr)
+        if _is_first_process():  # under torchrun every process meets the same error: say it once
+            print(f"vitkit {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:
         # The reader went away (`vitkit models | head`): not an error of ours. Point stdout at
@@ -516,7 +521,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         why = error.strerror or str(error)
         if isinstance(error, (FileExistsError, NotADirectoryError)):
             why += " (a file stands where a directory is needed)"
-        print(f"vitkit {args.command}: error: {where}{why}", file=sys.stderr)
+        if _is_first_process():
+            print(f"vitkit {args.command}: error: {where}{why}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"vitkit {args.command}: interrupted", file=sys.stderr)

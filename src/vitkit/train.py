@@ -638,13 +638,15 @@ def _train(config: TrainConfig, dist: _Dist) -> dict[str, Any]:
                 full_model = ema.model
             state = None
             if tag == "last":
+                # Wall time so far, kept with the checkpoint: a resumed run's summary counts all of it.
+                progress["wall_time"] = wall_before + time.perf_counter() - start_time
                 state = {"optimizer": optim_state, "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                          "ema": ema.model.state_dict() if ema else None, "rng": _rng_state(device),
                          "progress": {**progress, "epoch": epoch, "batch": batch}}
             save_checkpoint(run_dir, tag=tag, model=full_model, train_state=state)
         _barrier(dist)
 
-    start_time = time.perf_counter()
+    start_time, wall_before = time.perf_counter(), float(progress.get("wall_time", 0.0))
     epoch_start, batch_start = progress["epoch"], progress["batch"]
     step = progress["step"]
     try:
@@ -653,7 +655,9 @@ def _train(config: TrainConfig, dist: _Dist) -> dict[str, Any]:
             num_batches = len(data.train)
             bar = _bar(total=num_batches, initial=batch_start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                        enabled=dist.main and cfg.progress)
-            sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss, correct, count (this epoch)
+            # Loss, correct, count of this epoch so far (a run resumed mid-epoch brings its own).
+            sums = torch.tensor(progress.get("epoch_sums", [0.0] * 3) if batch_start else [0.0] * 3,
+                                device=device, dtype=torch.float64)
             group_loss, tick = 0.0, time.perf_counter()
             for batch, (images, labels) in enumerate(data.train.iterate(epoch, start_batch=batch_start),
                                                      start=batch_start):
@@ -712,6 +716,7 @@ def _train(config: TrainConfig, dist: _Dist) -> dict[str, Any]:
                                     + (f" skipped {progress['skipped_steps']}" if progress["skipped_steps"] else ""))
                 progress["step"] = step
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and batch + 1 < num_batches:
+                    progress["epoch_sums"] = sums.tolist()
                     checkpoint("last", epoch=epoch, batch=batch + 1)
             bar.close()
             batch_start = 0
@@ -740,7 +745,7 @@ def _train(config: TrainConfig, dist: _Dist) -> dict[str, Any]:
     finally:
         log.close()
 
-    wall = time.perf_counter() - start_time
+    wall = wall_before + time.perf_counter() - start_time
     summary = {
         "run_dir": str(run_dir), "model": cfg.model or cfg.init, "epochs": cfg.epochs, "steps": step,
         "best_val_acc": progress["best_acc"], "best_epoch": progress["best_epoch"],
