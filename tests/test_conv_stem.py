@@ -121,3 +121,17 @@ def test_convert_refuses_formats_without_a_conv_stem(tmp_path, to, name):
     save_pretrained(create_model(conv_config()), tmp_path / "src")
     assert main(["convert", str(tmp_path / "src"), str(tmp_path / name), "--to", to]) != 0
     assert not (tmp_path / name).exists()
+
+
+def test_several_gpus_synchronise_the_stems_batch_norm(capsys):
+    # Converting needs no GPU; the checkpoint keys stay BatchNorm's, so saved runs load anywhere.
+    from vitkit.train import _share_batch_norm
+
+    model = create_model("vit_cifar_conv")
+    keys = set(model.state_dict())
+    _share_batch_norm(model, device=torch.device("cuda"), main=True)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms and all(isinstance(m, torch.nn.SyncBatchNorm) for m in norms)
+    assert set(model.state_dict()) == keys
+    _share_batch_norm(create_model("vit_cifar_conv"), device=torch.device("cpu"), main=True)
+    assert "SyncBatchNorm" in capsys.readouterr().err

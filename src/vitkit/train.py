@@ -573,6 +573,8 @@ def _train(config: TrainConfig, dist: _Dist) -> dict[str, Any]:
     if resume_state is not None:
         _load_resumed_weights(raw, run_dir, cfg)
     raw.to(device)
+    if dist.world_size > 1 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in raw.modules()):
+        _share_batch_norm(raw, device=device, main=dist.main)
     if cfg.grad_checkpointing:
         raw.set_grad_checkpointing(True)
     ema = _Ema(raw, cfg.ema) if cfg.ema else None
@@ -809,6 +811,17 @@ def _restore_rng(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _share_batch_norm(model: nn.Module, *, device: torch.device, main: bool) -> None:
+    """A conv stem's BatchNorm across processes: synchronised on GPUs, so its statistics are the
+    global batch's as in a one-process run; gloo on CPU has no SyncBatchNorm, so say it differs."""
+    if device.type == "cuda":
+        nn.SyncBatchNorm.convert_sync_batchnorm(model)  # replaces the BatchNorm layers in place
+    elif main:
+        print("note: on CPU each process normalises the conv stem's BatchNorm over its own share of the batch "
+              "(gloo has no SyncBatchNorm), so the run differs slightly from a one-process run; on GPUs "
+              "it is synchronised", file=sys.stderr)
 
 
 def _load_resumed_weights(model: VisionTransformer, run_dir: Path, cfg: TrainConfig) -> None:
