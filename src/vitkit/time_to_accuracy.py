@@ -34,7 +34,8 @@ from .pretrained import create_model
 # CIFAR-10's channel statistics (of the training set, in [0, 1]).
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
-DEFAULT_ARCHIVES = ("../shared/data/cifar10-jpeg.tar.gz", ".data/cifar10-jpeg.tar.gz")
+DEFAULT_ARCHIVES = ("../shared/data/cifar10-jpeg.tar.gz", ".data/cifar10-jpeg.tar.gz")  # from the checkout
+_CHECKOUT = Path(__file__).resolve().parents[2]  # src/vitkit/ -> the repository, for an editable install
 GOALS = (0.80, 0.90, 0.93, 0.94)
 
 
@@ -183,8 +184,10 @@ def _summary(history: list[dict]) -> dict:
 
 
 def find_archive(data: str | Path | None) -> Path:
-    """The CIFAR-10 archive: `data`, else the shared copy beside the checkout, else .data/."""
-    candidates = [Path(data)] if data else [Path(a) for a in DEFAULT_ARCHIVES]
+    """The CIFAR-10 archive: `data`, else the shared copy beside the checkout, else .data/ (looked
+    for from the working directory, then from the checkout vitkit runs from)."""
+    candidates = [Path(data)] if data else list(dict.fromkeys(
+        base / a for base in (Path("."), _CHECKOUT) for a in DEFAULT_ARCHIVES))
     for path in candidates:
         if path.is_file():
             return path
@@ -203,6 +206,8 @@ def run_cifar10(*, recipe: Recipe, data: str | Path | None = None, engine: str =
         torch.backends.cudnn.allow_tf32 = True
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     if engine == "library":
+        if recipe.time_budget:
+            raise VitkitError("--time-budget works with --engine benchmark only; give --engine library --epochs")
         result = train_with_library(archive=archive, recipe=recipe, device=str(device), max_train=max_train)
     elif engine == "benchmark":
         t0 = time.perf_counter()
@@ -214,8 +219,12 @@ def run_cifar10(*, recipe: Recipe, data: str | Path | None = None, engine: str =
     else:
         raise VitkitError(f"--engine {engine!r}: expected benchmark or library")
     result.update(device=name, torch=torch.__version__)
+    def reached(goal: str) -> str:
+        seconds = result["time_to"][goal]
+        return "not reached" if seconds is None else f"{seconds}s"
+
     log(f"# final {100 * result['final_acc']:.2f}% after {len(result['history'])} epochs, {result['train_s']:.1f}s "
-        f"of training; time to 90%: {result['time_to']['0.9']}s, to 94%: {result['time_to']['0.94']}s")
+        f"of training; time to 90%: {reached('0.9')}, to 94%: {reached('0.94')}")
     return result
 
 
