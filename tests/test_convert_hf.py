@@ -208,3 +208,17 @@ def test_hf_image_processor_is_followed_on_non_square_images(tmp_path):
     assert ours.shape == theirs.shape and (ours - theirs).abs().mean() < 0.02  # resampling filters differ slightly
     vitkit.save_pretrained(model, tmp_path / "ours")  # the mode survives vitkit's own format
     assert vitkit.load_pretrained(tmp_path / "ours").preprocessing.resize_mode == "exact"
+
+
+def test_online_download_skips_the_bin_when_safetensors_exist(monkeypatch):
+    # Many Hub repos hold both weight files; fetching both would double the download.
+    import huggingface_hub
+
+    from vitkit.convert.hf import _hub_patterns
+
+    listings = {"org/both": ["config.json", "model.safetensors", "pytorch_model.bin"],
+                "org/old": ["config.json", "pytorch_model.bin"]}
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo_id: listings[repo_id])
+    assert "pytorch_model.bin" not in _hub_patterns("org/both", offline=False)
+    assert "pytorch_model.bin" in _hub_patterns("org/old", offline=False)
+    assert "pytorch_model.bin" in _hub_patterns("org/both", offline=True)  # the cache holds what it holds

@@ -61,7 +61,7 @@ def download_hf_hub(repo_id: str) -> Path:
     # Read at call time: huggingface_hub reads these once, when it is first imported.
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     try:
-        path = snapshot_download(repo_id, allow_patterns=_HUB_FILES, local_files_only=offline,
+        path = snapshot_download(repo_id, allow_patterns=_hub_patterns(repo_id, offline), local_files_only=offline,
                                  cache_dir=os.environ.get("HF_HUB_CACHE") or None)
     except LocalEntryNotFoundError:
         raise CheckpointError(source, "not in the local HuggingFace cache"
@@ -69,6 +69,22 @@ def download_hf_hub(repo_id: str) -> Path:
     except (HfHubHTTPError, OSError, ValueError) as error:
         raise CheckpointError(source, f"cannot be downloaded ({str(error).splitlines()[0][:200]})") from None
     return Path(path)
+
+
+def _hub_patterns(repo_id: str, offline: bool) -> list[str]:
+    """The files to fetch: the .bin only for repositories without safetensors (many hold both,
+    and the weights would come down twice)."""
+    if offline:
+        return _HUB_FILES
+    from huggingface_hub import list_repo_files
+
+    try:
+        files = list_repo_files(repo_id)
+    except Exception:  # noqa: BLE001  unreachable Hub, private repo...: snapshot_download says why
+        return _HUB_FILES
+    if any(name.endswith(".safetensors") for name in files):
+        return [p for p in _HUB_FILES if not p.endswith(".bin")]
+    return _HUB_FILES
 
 
 def read_hf_dir(path: Path, meta: dict[str, Any]) -> tuple[ViTConfig, dict[str, Tensor], dict[str, Any]]:
