@@ -69,10 +69,11 @@ def single(shapes, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
-def test_two_processes_match_one(shapes, tmp_path, single, fsdp):
+@pytest.mark.parametrize("fsdp, accum", [(False, 1), (True, 1), (True, 2)], ids=["ddp", "fsdp", "fsdp-grad-accum"])
+def test_two_processes_match_one(shapes, tmp_path, single, fsdp, accum):
+    # With --grad-accum 2 the global batch of 16 is two micro-batches of 8: the same steps.
     out = tmp_path / "two"
-    _run_two(tiny_config(shapes, out, fsdp=fsdp, **SAME))
+    _run_two(tiny_config(shapes, out, fsdp=fsdp, **{**SAME, "batch_size": 16 // accum, "grad_accum": accum}))
     one, two = _losses(single), _losses(out)
     assert len(one) == len(two) == 6  # 48 images / 16 per step x 2 epochs
     assert two == pytest.approx(one, abs=1e-5)

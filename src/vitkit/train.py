@@ -676,6 +676,8 @@ def _train(config: TrainConfig, dist: _Dist) -> dict[str, Any]:
                 sync = contextlib.nullcontext()
                 if not last_in_group and hasattr(wrapped, "no_sync"):
                     sync = wrapped.no_sync()  # DDP: all-reduce gradients once per optimiser step
+                if hasattr(wrapped, "set_requires_gradient_sync"):
+                    wrapped.set_requires_gradient_sync(last_in_group)  # FSDP2: reduce-scatter once per step
                 with sync:
                     with _autocast(device, precision):
                         loss, logits = compute_loss(train_model, images, targets, labels, teacher=teacher, config=cfg)
