@@ -50,10 +50,16 @@ def recover(run_dir: str | Path) -> None:
         final, tmp, old = run_dir / tag, run_dir / f".{tag}.tmp", run_dir / f".{tag}.old"
         # The swap renames final -> old only after tmp is complete, so a missing final with a
         # present old means tmp is the newest whole checkpoint.
-        if not final.exists() and old.exists() and tmp.exists():
-            os.rename(tmp, final)
-        elif not final.exists() and old.exists():
-            os.rename(old, final)
+        try:
+            if not final.exists() and old.exists() and tmp.exists():
+                os.rename(tmp, final)
+            elif not final.exists() and old.exists():
+                os.rename(old, final)
+        except OSError:
+            # Several processes of one job recover together: another one got there first (the
+            # rename's source is gone, or its target now exists and is not replaced).
+            if not final.exists():
+                raise
         for leftover in (tmp, old):
             if leftover.exists():
                 shutil.rmtree(leftover, ignore_errors=True)
