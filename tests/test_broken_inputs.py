@@ -55,3 +55,15 @@ def test_strict_stops_with_one_line_naming_the_file(messy, tmp_path, capsys, com
     assert main(args) == EXIT_USAGE
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and any(name in err[0] for name in ("empty.png", "random.jpg", "truncated.jpg", "notes.png"))
+
+
+def test_the_skip_warning_is_one_line_for_a_user(messy, tmp_path):
+    # Outside pytest's warning capture, as on a terminal: no file:line of vitkit's source.
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "vitkit", "train", "--data", str(messy), "--out",
+                           str(tmp_path / "run"), *TINY], capture_output=True, text=True, timeout=300)
+    warning = [line for line in done.stderr.splitlines() if ": warning:" in line]
+    assert done.returncode == EXIT_PARTIAL and len(warning) == 1
+    assert warning[0].startswith("vitkit train: warning: skipped 4 unreadable") and ".py:" not in done.stderr

@@ -497,7 +497,23 @@ def _is_first_process() -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import warnings
+
     args = build_parser().parse_args(argv)
+    formatted = warnings.formatwarning
+
+    def one_line(message, category, filename, lineno, line=None):  # noqa: ARG001
+        # A user reads "vitkit eval: warning: skipped 2 unreadable image(s): ...", not our source lines.
+        return f"vitkit {args.command}: warning: {message}\n" if _is_first_process() else ""
+
+    warnings.formatwarning = one_line
+    try:
+        return _run(args)
+    finally:
+        warnings.formatwarning = formatted
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         code = args.run(args)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit-time flush

@@ -546,8 +546,7 @@ def _train(config: TrainConfig, dist: _Dist) -> dict[str, Any]:
     precision = cfg.precision or ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
     if cfg.batch_size % dist.world_size:
         raise VitkitError(f"--batch-size {cfg.batch_size} is not divisible by the {dist.world_size} processes")
-    if dist.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    if dist.main and run_dir.is_dir():
         recover(run_dir)
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
 
@@ -618,8 +617,9 @@ def _train(config: TrainConfig, dist: _Dist) -> dict[str, Any]:
         _restore_rng(resume_state["rng"], device)
 
     if dist.main:
-        # Written once the data, model and teacher are known to work: a run that fails to start
-        # leaves no config.json behind to claim the directory.
+        # Made once the data, model and teacher are known to work: a run that fails to start
+        # leaves no directory (nor a config.json claiming it) behind.
+        run_dir.mkdir(parents=True, exist_ok=True)
         _write_json(run_dir / RUN_CONFIG, {**cfg.to_dict(), "precision": precision})
     log = _MetricsLog(run_dir / METRICS_FILE, keep_until_step=progress["step"] if cfg.resume else None,
                       enabled=dist.main)
