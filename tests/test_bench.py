@@ -112,16 +112,17 @@ def test_peak_rss_is_the_measured_runs_own_where_linux_resets_it():
 
     from vitkit.bench import peak_rss_gb, reset_peak_rss
 
-    reset_peak_rss()
+    scope = reset_peak_rss()
     before = peak_rss_gb()
     block = np.ones(256 * 2 ** 20 // 8)  # 256 MiB, touched, so resident
     during = peak_rss_gb()
     del block
-    assert during - before > 0.2  # the high-water mark saw the block
-    if reset_peak_rss() == "run":
+    if scope == "run" and reset_peak_rss() == "run":
+        assert during - before > 0.2  # the window's high-water mark saw the block
         assert peak_rss_gb() < during - 0.2  # a new window no longer remembers it
     else:
-        assert peak_rss_gb() >= during  # the process's high-water mark only grows
+        # No reset here: the process's mark (perhaps already above the block from earlier work) only grows.
+        assert during >= before and peak_rss_gb() >= during
 
 
 def test_onnxruntime_peer_runs_the_exported_model_for_inference_only(capsys):

@@ -135,3 +135,19 @@ def test_several_gpus_synchronise_the_stems_batch_norm(capsys):
     assert set(model.state_dict()) == keys
     _share_batch_norm(create_model("vit_cifar_conv"), device=torch.device("cpu"), main=True)
     assert "SyncBatchNorm" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["vit_cifar_conv", "R50+ViT-B/16"])
+def test_info_counts_the_cnn_stem(name):
+    # The stem's convolutions are most of a hybrid's early compute: count_flops must include them.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vitkit.model import count_flops
+    from vitkit.variants import paper_name
+
+    model = create_model(name).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randn(1, 3, *model.config.img_size))
+    assert count_flops(model.config)["total"] == pytest.approx(counter.get_total_flops(), rel=0.05)
+    if name.startswith("R50"):
+        assert paper_name(model.config) == "R50+ViT-B/16"

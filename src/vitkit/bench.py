@@ -62,8 +62,16 @@ def reset_peak_rss() -> str:
 
 
 def peak_rss_gb() -> float | None:
-    """The process's peak resident set size in GiB (getrusage's ru_maxrss: KiB on Linux, bytes on
-    macOS); None where there is no getrusage (Windows)."""
+    """The process's peak resident set size in GiB: Linux's VmHWM (the mark clear_refs resets;
+    getrusage's ru_maxrss also keeps the peaks of exited threads, so it cannot be reset), else
+    getrusage's ru_maxrss (bytes on macOS); None where neither exists (Windows)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2 ** 20  # kB
+    except OSError:
+        pass
     try:
         import resource
     except ImportError:

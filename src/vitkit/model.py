@@ -268,7 +268,8 @@ def count_flops(config: ViTConfig, *, img_size: Sequence[int] | None = None) -> 
 
     Counts matrix products (patch projection, qkv, attention scores and weighted sum, output
     projection, MLP, head); norms, softmax and GELU are a fraction of a percent and left out.
-    A hybrid CNN stem is not counted: 'stem' then covers only the final 1x1 projection.
+    A hybrid's CNN stem is counted by running it on shapes only (the meta device), its
+    convolutions included, under 'patch_embed'.
     """
     H, W = img_size if img_size is not None else config.img_size
     stride = config.stem_stride
@@ -285,8 +286,21 @@ def count_flops(config: ViTConfig, *, img_size: Sequence[int] | None = None) -> 
         "pre_logits": 2 * D * config.representation_size if config.representation_size else 0,
         "head": 2 * head_in * config.num_classes * (2 if config.distill_token else 1),
     }
+    if config.hybrid_stem:
+        flops["patch_embed"] = _stem_flops(config, (H, W))
     flops["total"] = sum(flops.values())
     return flops
+
+
+def _stem_flops(config: ViTConfig, size: tuple[int, int]) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        stem = _build_stem(config)
+        image = torch.empty(1, config.in_chans, *size)
+    with FlopCounterMode(display=False) as counter:
+        stem(image)
+    return int(counter.get_total_flops())
 
 
 __all__ = ["VisionTransformer", "EncoderOutput", "resample_pos_embed", "count_parameters", "count_flops"]

@@ -110,8 +110,12 @@ def paper_name(config: ViTConfig) -> str | None:
     for size in SIZES:
         if (config.embed_dim, config.depth, config.num_heads, config.mlp_dim) == (
                 size.embed_dim, size.depth, size.num_heads, size.mlp_dim):
-            patch = config.patch_size
-            return f"ViT-{size.letter}/{patch[0]}" if patch[0] == patch[1] else f"ViT-{size.letter}/{patch[0]}x{patch[1]}"
+            patch = config.stem_stride  # pixels per token: the patch, times a hybrid stem's stride
+            name = f"ViT-{size.letter}/{patch[0]}" if patch[0] == patch[1] else f"ViT-{size.letter}/{patch[0]}x{patch[1]}"
+            stem = config.hybrid_stem
+            if stem and stem.get("type") == "resnet":
+                return f"R{3 * sum(stem.get('layers', [])) + 2}+{name}"  # R50 = 3 x (3+4+9) convs + 2
+            return f"{name} (conv stem)" if stem else name
     return None
 
 
