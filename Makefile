@@ -2,14 +2,17 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: setup setup-chromium demo test
+.PHONY: setup setup-python setup-chromium demo test
 
 # torch and torchvision are pinned for this project's machines only; pyproject declares ranges.
-setup: setup-chromium
+setup: setup-python setup-chromium
+
+setup-python:
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -q -e '.[dev,export]' 'transformers==5.18.0'
 
-demo: setup
+# The demo needs no browser: only the report test does.
+demo: setup-python
 	bash scripts/demo.sh
 
 test: setup

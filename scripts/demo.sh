@@ -13,7 +13,7 @@ import json, sys
 s = json.load(open(sys.argv[1]))
 print(f"demo: best test accuracy {s['best_val_acc']:.1%} (epoch {s['best_epoch']}) in {s['wall_time_s']:.0f} s")
 PY
-# Classify a few of the sample's test images with the trained model.
+# Classify one test image of each class with the trained model (about half come out right).
 IMAGES="${TMPDIR:-/tmp}/vitkit-demo-images"
 mkdir -p "$IMAGES"
 python3 - "$IMAGES" <<'PY'
@@ -23,7 +23,7 @@ import numpy as np
 from vitkit.data import SAMPLE_FILE
 z = np.load(SAMPLE_FILE, allow_pickle=False)
 names = [str(c) for c in z["class_names"]]
-for i in (5, 205, 405, 605, 805):  # the test split is grouped by class
+for i in range(5, 1000, 100):  # one image of each class: the test split is grouped by class
     blob = z["test_bytes"][z["test_offsets"][i]:z["test_offsets"][i + 1]].tobytes()
     Path(sys.argv[1], f"test{i}_{names[z['test_labels'][i]]}.jpg").write_bytes(blob)
 PY
@@ -31,5 +31,5 @@ vitkit predict "$RUN/best" "$IMAGES" --top-k 3
 vitkit info ViT-B/16
 # Speed against timm on this machine (tiny settings so the demo stays quick; see benchmarks/RESULTS.md).
 vitkit bench throughput --model ViT-Ti/16 --batch-size 4 --precision fp32 --peers timm --modes infer --steps 2 --repeats 3
-# One ONNX file for any batch and resolution, checked against PyTorch at two sizes.
-vitkit export ViT-Ti/16 --format onnx --out "${TMPDIR:-/tmp}/vit_tiny.onnx"
+# The trained model as one ONNX file for any batch and resolution, checked against PyTorch at two sizes.
+vitkit export "$RUN/best" --format onnx --out "${TMPDIR:-/tmp}/vitkit-demo.onnx"

@@ -343,11 +343,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--model", help="variant name (ViT-B/16, vit_base_patch16_224, base, vit_cifar, ...); "
                                    "default: the recipe's small-image ViT")
     g.add_argument("--init", help="start from weights: any load_pretrained source (run dir, vitkit dir, timm file, "
-                                  "hf-hub:ORG/NAME); the head is replaced for the data's classes")
+                                  "hf-hub:ORG/NAME); the head is replaced unless the data has exactly its classes")
     g.add_argument("--patch-size", type=int, help="patch size in pixels (fresh models only)")
     g.add_argument("--img-size", type=int, help="input size in pixels; default: the model's")
-    g.add_argument("--data", help="image folder or archive with train/ and val/ (or test/) splits; "
-                                  "default: the embedded CIFAR-10 sample")
+    g.add_argument("--data", help="image folder or archive with train/ and val/ (or test/) splits, or cifar10, "
+                                  "cifar100 (cifar10:DIR for local files); default: the embedded CIFAR-10 sample")
     g.add_argument("--max-train", type=int, help="train on a random subset of this many images")
     g.add_argument("--workers", type=int, default=0, help="image decoding processes for data streamed from disk")
     g.add_argument("--strict", action="store_true", default=None,
