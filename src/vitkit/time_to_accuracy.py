@@ -150,7 +150,10 @@ def train_to_accuracy(*, data, recipe: Recipe, log=print) -> dict:
             # epoch is the better estimate. Only the length of the LR decay changes, which has not
             # begun yet when the LR warm-up lasts at least an epoch.
             refit = max(1, int(recipe.time_budget / (train_s * 1.02)))
-            if refit != epochs:
+            if train_s > recipe.time_budget:
+                log(f"# first epoch took {train_s:.2f}s, more than the {recipe.time_budget:.0f}s budget: stopping "
+                    "after it (the budget is meant for a GPU)")
+            elif refit != epochs:
                 log(f"# first epoch took {train_s:.2f}s: {refit} epochs fit the {recipe.time_budget:.0f}s budget")
             epochs, total = refit, refit * steps_per_epoch
     return {"recipe": asdict(recipe), "engine": "benchmark", "epochs": epochs, "params_m": round(params / 1e6, 3),
