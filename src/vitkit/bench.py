@@ -10,7 +10,8 @@ what this benchmark measures; a row's `levers` field names them.
 
 Timing: random inputs, warm-up steps excluded, CUDA events on a GPU (perf_counter on the CPU),
 `steps` steps per repeat, the median of `repeats` repeats. MFU = achieved model FLOP/s over the
-device's measured dense bf16 matmul rate (`measure_matmul_tflops`), with model FLOPs from
+device's measured dense bf16 matmul rate (`measure_matmul_tflops`; on a CPU, the rate in the
+row's own precision, as CPUs without bf16 units run bf16 slower), with model FLOPs from
 `vitkit.model.count_flops` (forward; a training step counts 3x forward).
 
 Memory: `peak_mem_gb` is the CUDA allocator's peak (None on the CPU, which has no such
@@ -105,14 +106,15 @@ def time_steps(step: Callable[[], object], *, device: torch.device, steps: int, 
     return times
 
 
-def measure_matmul_tflops(*, device: torch.device | str, size: int | None = None, repeats: int = 5) -> float:
-    """The device's dense bf16 matmul rate in TFLOP/s: an (n x n) @ (n x n) product on random
-    data (zeros run faster than real data), median of `repeats`. n defaults to 8192 on a GPU,
-    1024 on the CPU."""
+def measure_matmul_tflops(*, device: torch.device | str, size: int | None = None, repeats: int = 5,
+                          dtype: torch.dtype = torch.bfloat16) -> float:
+    """The device's dense matmul rate in TFLOP/s (bf16 unless `dtype` says otherwise): an
+    (n x n) @ (n x n) product on random data (zeros run faster than real data), median of
+    `repeats`. n defaults to 8192 on a GPU, 1024 on the CPU."""
     device = torch.device(device)
     n = size or (8192 if device.type == "cuda" else 1024)
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     steps = 10 if device.type == "cuda" else 2
     seconds = statistics.median(time_steps(lambda: a @ b, device=device, steps=steps, repeats=repeats, warmup=2))
     return 2 * n ** 3 / seconds / 1e12
@@ -300,7 +302,10 @@ def benchmark_throughput(*, model: str, batch_size: int = 64, precision: str = "
     for peer, why in skipped.items():
         print(f"bench: skipping {peer}: {why}")
 
-    peak_tflops = matmul_tflops or measure_matmul_tflops(device=dev)
+    # MFU against the bf16 tensor-core rate on GPUs (the issue's yardstick); a CPU without bf16
+    # units runs bf16 slower than fp32, so there the peak is the rate of the row's own precision.
+    peak_dtype = torch.bfloat16 if dev.type == "cuda" else dtype
+    peak_tflops = matmul_tflops or measure_matmul_tflops(device=dev, dtype=peak_dtype)
     flops = count_flops(config)["total"]
     rows = []
     for mode in modes:
@@ -390,7 +395,8 @@ def format_table(rows: Sequence[dict]) -> str:
         return "(no results)"
     first = rows[0]
     lines = [f"{first['model']}  batch {first['batch_size']}  {first['img_size']} px  {first['precision']}  "
-             f"{first['compile']}  on {first['device']}  (bf16 matmul {first['matmul_tflops']:.1f} TFLOP/s)",
+             f"{first['compile']}  on {first['device']}  ({'bf16' if 'cpu' not in first['device'] else first['precision']} "
+             f"matmul {first['matmul_tflops']:.2f} TFLOP/s)",
              f"{'impl':<11} {'mode':<6} {'img/s':>10} {'step ms':>9} {'MFU':>6} {'peak GB':>8} {'RSS GB':>7}  "
              f"{'vs peers':<24} levers"]
     for r in rows:
