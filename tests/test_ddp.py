@@ -1,5 +1,6 @@
 """Several processes (gloo on CPU): DDP and FSDP2 follow the 1-process run's loss curve."""
 
+import json
 import os
 import socket
 
@@ -92,6 +93,15 @@ def test_two_process_run_resumes_in_one_process(shapes, tmp_path, single):
     assert torch.load(out / "last" / "train_state.pt", weights_only=True)["progress"]["step"] == 3
     train(TrainConfig(resume=str(out), progress=False))
     assert _losses(out) == pytest.approx(_losses(single), abs=1e-5)
+
+
+def test_a_ddp_run_resumes_under_fsdp(shapes, tmp_path, single):
+    # Full, unsharded checkpoints: the same run may continue sharded (e.g. on bigger inputs).
+    out = tmp_path / "two"
+    _run_two(tiny_config(shapes, out, **SAME), stop_at=4)
+    _run_two(TrainConfig(resume=str(out), fsdp=True, progress=False))
+    assert _losses(out) == pytest.approx(_losses(single), abs=1e-5)
+    assert json.loads((out / "config.json").read_text())["fsdp"] is True
 
 
 def test_an_error_is_told_once_not_by_every_process(monkeypatch, capsys):

@@ -38,7 +38,9 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 PRECISIONS = ("bf16", "fp16", "fp32")
 # Fields a resumed run may change: where and how fast it runs, not what it computes.
-_RESUMABLE_CHANGES = {"resume", "device", "workers", "out", "compile", "checkpoint_every", "progress", "epochs"}
+# The checkpoint holds full, unsharded states, so DDP <-> FSDP may change too.
+_RESUMABLE_CHANGES = {"resume", "device", "workers", "out", "compile", "checkpoint_every", "progress", "epochs",
+                      "fsdp"}
 
 
 class TrainingDiverged(VitkitError):
@@ -295,12 +297,14 @@ def _prepare_run(config: TrainConfig) -> tuple[TrainConfig, Path, dict[str, Any]
             check_values(saved)
         except VitkitError as error:
             raise VitkitError(f"{config_file}: {error}") from None
+        if config.fsdp and saved.ema is not None:
+            raise VitkitError("--fsdp: this run keeps an EMA of the weights, which FSDP does not support")
         for key, value in _absolute_paths(config).to_dict().items():
             if key in _RESUMABLE_CHANGES or value is None or value == getattr(saved, key):
                 continue
             raise VitkitError(f"--resume {run_dir}: the run was trained with {key}={getattr(saved, key)!r}, "
                               f"not {key}={value!r}; start a new run (--out) to change it")
-        for key in ("epochs", "device", "workers", "compile", "checkpoint_every", "progress"):
+        for key in ("epochs", "device", "workers", "compile", "checkpoint_every", "progress", "fsdp"):
             if getattr(config, key) is not None and key != "compile":
                 setattr(saved, key, getattr(config, key))
         saved.compile = saved.compile or config.compile
