@@ -177,3 +177,11 @@ def test_convert_never_writes_over_its_source(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "src"), str(tmp_path / "src"), "--to", "hf"]) == 2
     assert "source itself" in capsys.readouterr().err
     assert (tmp_path / "src" / "config.json").read_text() == before
+
+
+def test_convert_takes_a_model_name_as_info_and_export_do(tmp_path):
+    from vitkit.cli import main
+
+    assert main(["convert", "vit_cifar", str(tmp_path / "fresh.npz"), "--to", "npz"]) == 0
+    assert vitkit.load_pretrained(tmp_path / "fresh.npz").config.embed_dim == vitkit.create_model("vit_cifar").config.embed_dim
+    assert main(["convert", str(tmp_path / "nope"), str(tmp_path / "x.npz"), "--to", "npz"]) == 2
