@@ -109,9 +109,8 @@ def as_float(tensor: Tensor) -> Tensor:
 
 def convert(*, source: str | Path, destination: str | Path, to: str, model: str | None = None) -> Path:
     """Load `source` (anything `vitkit.load_pretrained` reads, or a variant name for random weights)
-    and write it to `destination` in
-    format `to`: "vitkit" or "hf" (directories), "timm" (.safetensors, or .pth/.bin), "npz"
-    (the original JAX layout). `model` names the variant for files that cannot say it.
+    and write it to `destination` in format `to`: "vitkit" or "hf" (directories), "timm"
+    (.safetensors, or .pth/.bin), "npz" (the original JAX layout). `model` names the variant for files that cannot say it.
     Returns the path written. Raises VitkitError if the target format cannot express the model."""
     if to not in FORMATS:
         raise VitkitError(f"--to {to!r}: expected one of {', '.join(FORMATS)}")
