@@ -311,3 +311,15 @@ def test_fine_tuning_resumes_without_its_init_source_from_another_directory(trai
     shutil.rmtree(tmp_path / "source")  # gone, as a deleted download or an offline hf-hub: id would be
     monkeypatch.chdir(tmp_path / "ft")  # and resumed from elsewhere: the relative paths were made absolute
     assert train(TrainConfig(resume=str(tmp_path / "ft"), epochs=2, progress=False))["epochs"] == 2
+
+
+def test_init_carries_the_sources_normalisation_and_interpolation(trained_run, tmp_path, shapes):
+    import dataclasses
+
+    out, _ = trained_run
+    source = vitkit.load_pretrained(out / "best")
+    source.preprocessing = dataclasses.replace(source.preprocessing, interpolation="bilinear", mean=(0.4, 0.4, 0.4))
+    vitkit.save_pretrained(source, tmp_path / "source")
+    train(tiny_config(shapes, tmp_path / "ft", init=str(tmp_path / "source"), epochs=1, max_train=24))
+    tuned = vitkit.load_pretrained(tmp_path / "ft" / "last").preprocessing
+    assert tuned.interpolation == "bilinear" and tuned.mean == (0.4, 0.4, 0.4)

@@ -872,14 +872,14 @@ def build_data(data: str | None, *, img_size: int | tuple[int, int], batch_size:
                workers: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1, strict: bool = False,
                in_memory: bool | None = None, mean: tuple[float, float, float] | None = None,
                std: tuple[float, float, float] | None = None, max_train: int | None = None,
-               unlabelled: bool = False) -> DataBundle:
+               unlabelled: bool = False, interpolation: str | None = None) -> DataBundle:
     """Train and val loaders for `data` (see the module docstring for the sources).
 
     img_size: the model's input (H, W). batch_size: per process. augment: None (random crop with
     4-px reflect padding for images <= 64 px, else random-resized-crop; plus horizontal flip),
     "none" (no augmentation), "randaugment" or "trivialaugment" (on top of the crop and flip).
     random_erasing: probability per training sample. mean/std: normalisation, default 0.5 (the
-    paper's [-1, 1] pixels). max_train: keep a seeded random subset of that many training images.
+    paper's [-1, 1] pixels). interpolation: of the eval resize (default bicubic). max_train: keep a seeded random subset of that many training images.
     strict: raise at the first unreadable image instead of skipping it with one warning.
     unlabelled: labels will be ignored, so any folder or archive of images will do (not only an
     ImageFolder): every 20th image is then held out as the val split, and all labels are 0.
@@ -889,7 +889,7 @@ def build_data(data: str | None, *, img_size: int | tuple[int, int], batch_size:
     if not 0.0 <= random_erasing <= 1.0:
         raise VitkitError(f"--random-erasing {random_erasing}: must lie in [0, 1]")
     img_size = to_2tuple(img_size)
-    extra = {k: v for k, v in (("mean", mean), ("std", std)) if v is not None}
+    extra = {k: v for k, v in (("mean", mean), ("std", std), ("interpolation", interpolation)) if v is not None}
     try:
         preprocessing = Preprocessing.for_size(img_size, **extra)
     except ValueError as error:

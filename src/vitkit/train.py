@@ -417,7 +417,7 @@ def _build_model(config: TrainConfig, *, num_classes: int, class_names: list[str
 
 
 def _init_preprocessing(config: TrainConfig):
-    """With --init, the checkpoint's normalisation carries over (unless the data overrides it)."""
+    """With --init, the checkpoint's normalisation and interpolation carry over."""
     if not config.init:
         return None
     from .pretrained import read_checkpoint
@@ -566,7 +566,8 @@ def _train(config: TrainConfig, dist: _Dist) -> dict[str, Any]:
     data = build_data(cfg.data, img_size=img_size, batch_size=cfg.batch_size // dist.world_size, device=device,
                       augment=cfg.augment, random_erasing=cfg.random_erasing, workers=cfg.workers, seed=cfg.seed,
                       rank=dist.rank, world_size=dist.world_size, strict=cfg.strict, max_train=cfg.max_train,
-                      mean=init_pre.mean if init_pre else None, std=init_pre.std if init_pre else None)
+                      mean=init_pre.mean if init_pre else None, std=init_pre.std if init_pre else None,
+                      interpolation=init_pre.interpolation if init_pre else None)
     num_classes = len(data.class_names)
     torch.manual_seed(cfg.seed)
     raw = _build_model(cfg, num_classes=num_classes, class_names=list(data.class_names))
