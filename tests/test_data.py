@@ -262,3 +262,25 @@ def test_bad_sources_and_arguments_name_the_problem(folder, tmp_path):
     _image(0, 0).save(folder / "val" / "fox" / "a.png")
     with pytest.raises(VitkitError, match="fox"):
         build_data(str(folder), img_size=16, batch_size=4)
+
+
+def test_eval_follows_an_exact_resize_on_images_of_mixed_sizes(tmp_path):
+    # HF's processors resize straight to the input size: the eval loader must give preprocess()'s pixels.
+    from PIL import Image
+
+    from vitkit.config import Preprocessing
+    from vitkit.data import build_eval_loader
+    from vitkit.images import preprocess, read_image
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (h, w) in enumerate([(64, 32), (40, 48)]):
+        path = tmp_path / "val" / "a" / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    pre = Preprocessing(resize=32, crop=(32, 32), interpolation="bilinear", resize_mode="exact")
+    loader, _, _ = build_eval_loader(str(tmp_path), preprocessing=pre, batch_size=2)
+    images = torch.cat([x for x, _ in loader.iterate(0)])
+    expected = torch.stack([preprocess(read_image(p), pre) for p in paths])
+    torch.testing.assert_close(images, expected, atol=0.02, rtol=0)

@@ -56,7 +56,15 @@ def _worker(rank: int, world: int, port: int, config: TrainConfig, stop_at: int 
 
 
 def _run_two(config: TrainConfig, stop_at: int | None = None) -> None:
-    mp.start_processes(_worker, args=(2, _free_port(), config, stop_at), nprocs=2, join=True, start_method="spawn")
+    try:
+        mp.start_processes(_worker, args=(2, _free_port(), config, stop_at), nprocs=2, join=True,
+                           start_method="spawn")
+    except mp.ProcessExitedException:
+        # A job stopped mid-run stands in for a crash; gloo's threads sometimes abort the process
+        # on the way out ("terminate called without an active exception"), as a crash would.
+        # What counts is the run directory it leaves, which the tests then check.
+        if stop_at is None:
+            raise
 
 
 def _losses(run):
@@ -104,10 +112,12 @@ def test_a_ddp_run_resumes_under_fsdp(shapes, tmp_path, single):
     assert json.loads((out / "config.json").read_text())["fsdp"] is True
 
 
-def test_an_error_is_told_once_not_by_every_process(monkeypatch, capsys):
+def test_errors_of_other_processes_are_labelled_by_rank(monkeypatch, capsys):
+    # An error only one process meets (its shard of the data, its GPU) must be told; the label
+    # says which process, and rank 0's line stays plain.
     from vitkit.cli import main
 
-    for rank, told in (("1", False), ("0", True)):
+    for rank, prefix in (("1", "vitkit info: error [rank 1]: "), ("0", "vitkit info: error: ")):
         monkeypatch.setenv("RANK", rank)
         assert main(["info", "vit_bsae"]) == 2
-        assert ("vit_bsae" in capsys.readouterr().err) == told
+        assert capsys.readouterr().err.startswith(prefix)

@@ -311,6 +311,9 @@ def test_fine_tuning_resumes_without_its_init_source_from_another_directory(trai
     shutil.rmtree(tmp_path / "source")  # gone, as a deleted download or an offline hf-hub: id would be
     monkeypatch.chdir(tmp_path / "ft")  # and resumed from elsewhere: the relative paths were made absolute
     assert train(TrainConfig(resume=str(tmp_path / "ft"), epochs=2, progress=False))["epochs"] == 2
+    saved = json.loads((tmp_path / "ft" / "config.json").read_text())
+    assert saved["init"] == str(tmp_path / "source")  # the record keeps where the weights came from
+    assert build_parser().parse_args(["train", "--resume", "r", "--no-fsdp"]).fsdp is False  # FSDP -> DDP too
 
 
 def test_init_carries_the_sources_normalisation_and_interpolation(trained_run, tmp_path, shapes):

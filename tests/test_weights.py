@@ -192,3 +192,17 @@ def test_saved_files_follow_the_umask(tmp_path):
         os.umask(old)
     for name in ("model.safetensors", "config.json"):
         assert (tmp_path / "run" / name).stat().st_mode & 0o777 == 0o644
+
+
+def test_a_damaged_pickle_is_unreadable_not_unsafe(tmp_path):
+    # torch prefixes every weights_only failure alike; only a refused global is a safety refusal.
+    import zipfile
+
+    torch.save({"patch_embed.proj.weight": torch.zeros(1)}, tmp_path / "w.pth")
+    with zipfile.ZipFile(tmp_path / "w.pth") as src, zipfile.ZipFile(tmp_path / "bad.pth", "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            dst.writestr(item, b"\x80\x02garbage" if item.filename.endswith("data.pkl") else data)
+    with pytest.raises(CheckpointError) as error:
+        vitkit.load_pretrained(tmp_path / "bad.pth", model=TINY)
+    assert "not a readable PyTorch checkpoint" in str(error.value) and "refused" not in str(error.value)

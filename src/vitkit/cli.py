@@ -368,7 +368,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--checkpoint-every", type=int, metavar="STEPS",
                    help="also save RUN/last every STEPS optimiser steps (it is always saved each epoch)")
-    g.add_argument("--fsdp", action="store_true", default=None, help="shard weights and optimiser state across "
+    g.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=None, help="shard weights and optimiser state across "
                                                                      "processes (FSDP2) instead of replicating them")
     g.add_argument("--grad-checkpointing", action="store_true", default=None,
                    help="recompute activations in the backward pass: less memory, ~30%% more time")
@@ -496,6 +496,23 @@ def _is_first_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _stdout_is_closed() -> bool:
+    try:
+        sys.stdout.write("")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return True
+    except (OSError, ValueError):
+        return False
+    return False
+
+
+def _rank_label() -> str:
+    """" [rank N]" for the other processes of a torchrun job: an error only one process meets
+    (its shard of the data, its GPU) must still be told, and the label says whose it is."""
+    return "" if _is_first_process() else f" [rank {os.environ['RANK']}]"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import warnings
 
@@ -519,10 +536,13 @@ def _run(args: argparse.Namespace) -> int:
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit-time flush
         return code
     except VitkitError as error:
-        if _is_first_process():  # under torchrun every process meets the same error: say it once
-            print(f"vitkit {args.command}: error: {error}", file=sys.stderr)
+        print(f"vitkit {args.command}: error{_rank_label()}: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except BrokenPipeError:
+    except BrokenPipeError as error:
+        if not _stdout_is_closed():
+            # Another pipe (a data-loader worker's, say) broke: a real failure.
+            print(f"vitkit {args.command}: error{_rank_label()}: {error.strerror or error}", file=sys.stderr)
+            return EXIT_USAGE
         # The reader went away (`vitkit models | head`): not an error of ours. Point stdout at
         # devnull so Python's exit-time flush does not raise again.
         try:
@@ -537,8 +557,7 @@ def _run(args: argparse.Namespace) -> int:
         why = error.strerror or str(error)
         if isinstance(error, (FileExistsError, NotADirectoryError)):
             why += " (a file stands where a directory is needed)"
-        if _is_first_process():
-            print(f"vitkit {args.command}: error: {where}{why}", file=sys.stderr)
+        print(f"vitkit {args.command}: error{_rank_label()}: {where}{why}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"vitkit {args.command}: interrupted", file=sys.stderr)

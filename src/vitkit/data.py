@@ -851,6 +851,9 @@ def _make_loader(split: _Split, *, train: bool, img_size: tuple[int, int], prepr
     storage = (math.ceil(preprocessing.crop[0] * scale), math.ceil(preprocessing.crop[1] * scale))
     mixed = len(set(sizes)) > 1
     per_image = 3 * (storage[0] * storage[1] if mixed else (np.mean([w * h for w, h in sizes]) if sizes else 0))
+    if in_memory is None and preprocessing.resize_mode == "exact":
+        # Stored images are cover-cropped, which an aspect-changing resize must not see: stream.
+        in_memory = split.pixels is not None
     if in_memory is None:
         in_memory = split.pixels is not None or len(split) * per_image <= IN_MEMORY_LIMIT
     if in_memory:

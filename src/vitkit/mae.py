@@ -382,6 +382,9 @@ def _resumed_settings(run_dir: Path, load_train_state) -> tuple[dict[str, Any], 
              or isinstance(settings.get(k), bool)]
     if wrong:
         raise VitkitError(f"{path}: missing or mistyped settings {wrong}")
+    from .checkpoint import recover
+
+    recover(run_dir)  # a kill between a checkpoint's two renames leaves it in .last.tmp / .last.old
     if not (run_dir / "last").exists():
         raise VitkitError(f"--resume {run_dir}: no checkpoint yet (it stopped before its first epoch ended, so "
                           "nothing was learnt); run the same command again without --resume")

@@ -554,14 +554,15 @@ def _train(config: TrainConfig, dist: _Dist) -> dict[str, Any]:
         recover(run_dir)
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
 
+    build = cfg  # what the model is built from; cfg itself (saved in config.json) keeps --init as given
     if resume_state is not None and cfg.init:
         # The run's own checkpoint holds everything --init gave it (weights, head, tokens): resuming
         # must not need the original source again (deleted, moved, or on the Hub while offline).
-        cfg = dataclasses.replace(cfg, init=str(run_dir / "last"))
-    init_pre = _init_preprocessing(cfg)
+        build = dataclasses.replace(cfg, init=str(run_dir / "last"))
+    init_pre = _init_preprocessing(build)
     img_size = cfg.img_size
     if img_size is None:
-        probe = _build_model(dataclasses.replace(cfg, distill_from=None), num_classes=1)
+        probe = _build_model(dataclasses.replace(build, distill_from=None), num_classes=1)
         img_size = probe.config.img_size
     data = build_data(cfg.data, img_size=img_size, batch_size=cfg.batch_size // dist.world_size, device=device,
                       augment=cfg.augment, random_erasing=cfg.random_erasing, workers=cfg.workers, seed=cfg.seed,
@@ -570,7 +571,7 @@ def _train(config: TrainConfig, dist: _Dist) -> dict[str, Any]:
                       interpolation=init_pre.interpolation if init_pre else None)
     num_classes = len(data.class_names)
     torch.manual_seed(cfg.seed)
-    raw = _build_model(cfg, num_classes=num_classes, class_names=list(data.class_names))
+    raw = _build_model(build, num_classes=num_classes, class_names=list(data.class_names))
     raw.class_names = list(data.class_names)
     raw.preprocessing = data.preprocessing
 

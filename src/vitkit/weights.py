@@ -132,8 +132,9 @@ def _fsync_dir(directory: Path) -> None:
 def refused_by_weights_only(error: BaseException) -> bool:
     """Whether torch.load(weights_only=True) refused the file because its pickle asks for a
     function or class (torch words this "Unsupported global ..." or "unsupported GLOBAL ...")."""
-    text = str(error).lower()
-    return "weights only load failed" in text or "unsupported global" in text
+    # Only the refusal itself: torch starts every weights_only failure, a damaged file's too,
+    # with "Weights only load failed".
+    return "unsupported global" in str(error).lower()
 
 
 def refusal_message(error: BaseException) -> str:
