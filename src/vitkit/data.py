@@ -123,6 +123,11 @@ def _open_folder(root: Path, split: str, *, need_train: bool = True) -> tuple[_S
     entries = [(d.name, str(f)) for d in chosen.iterdir() if d.is_dir()
                for f in d.rglob("*") if f.is_file() and not f.name.startswith(".")]
     paths, labels, classes = _labelled(entries, str(root), chosen.name, class_names)
+    return _Split(names=paths, labels=labels, fetch=_file_reader(paths), on_disk=True), classes
+
+
+def _file_reader(paths: list[str]) -> Callable[[int], bytes]:
+    """fetch(i): the bytes of file paths[i]; ImageReadError names a file that cannot be read."""
 
     def fetch(i: int) -> bytes:
         try:
@@ -130,7 +135,7 @@ def _open_folder(root: Path, split: str, *, need_train: bool = True) -> tuple[_S
         except OSError as error:
             raise ImageReadError(paths[i], f"cannot be read ({error.strerror or error})") from None
 
-    return _Split(names=paths, labels=labels, fetch=fetch, on_disk=True), classes
+    return fetch
 
 
 def _wanted(split: str, need_train: bool) -> str:
@@ -140,10 +145,12 @@ def _wanted(split: str, need_train: bool) -> str:
     return "val/ (or test/)" if split == "val" else f"{split}/"
 
 
-def _open_archive(path: Path, split: str, *, need_train: bool = True) -> tuple[_Split, list[str]]:
+def _open_archive(path: Path, split: str, *, need_train: bool = True,
+                  members: dict[str, bytes] | None = None) -> tuple[_Split, list[str]]:
     """Read the members of a .tar/.tar.gz/.zip ImageFolder into memory (compressed images are
-    small; decoding happens later, in parallel). A single top folder around train/ is allowed."""
-    members = _read_archive(path)
+    small; decoding happens later, in parallel). A single top folder around train/ is allowed.
+    members: the archive already read (`_read_archive`), so it is not read again."""
+    members = _read_archive(path) if members is None else members
     anchors = ("train",) if need_train else ("train", *_split_names(split))
     by_split = _archive_splits(members, anchors)
     if by_split is None:
@@ -208,17 +215,12 @@ def _open_unlabelled(data: str | None, split: str) -> tuple[_Split, list[str]]:
         if (path / "train").is_dir() and any((path / n).is_dir() for n in _split_names("val")):
             return _open_folder(path, split)
         names = sorted(str(f) for f in path.rglob("*") if f.is_file() and _is_image_name(f.name))
-
-        def fetch(i: int) -> bytes:
-            try:
-                return Path(names[i]).read_bytes()
-            except OSError as error:
-                raise ImageReadError(names[i], f"cannot be read ({error.strerror or error})") from None
+        fetch = _file_reader(names)
     else:
         members = _read_archive(path)
         by_split = _archive_splits(members)
         if by_split and "train" in by_split and any(n in by_split for n in _split_names("val")):
-            return _open_archive(path, split)
+            return _open_archive(path, split, members=members)
         member_names = sorted(n for n in members if _is_image_name(n.rsplit("/", 1)[-1]))
         names = [f"{path}:{n}" for n in member_names]
         fetch = [members[n] for n in member_names].__getitem__
@@ -882,7 +884,8 @@ def build_data(data: str | None, *, img_size: int | tuple[int, int], batch_size:
     4-px reflect padding for images <= 64 px, else random-resized-crop; plus horizontal flip),
     "none" (no augmentation), "randaugment" or "trivialaugment" (on top of the crop and flip).
     random_erasing: probability per training sample. mean/std: normalisation, default 0.5 (the
-    paper's [-1, 1] pixels). interpolation: of the eval resize (default bicubic). max_train: keep a seeded random subset of that many training images.
+    paper's [-1, 1] pixels). interpolation: of the eval resize (default bicubic). max_train: keep
+    a seeded random subset of that many training images.
     strict: raise at the first unreadable image instead of skipping it with one warning.
     unlabelled: labels will be ignored, so any folder or archive of images will do (not only an
     ImageFolder): every 20th image is then held out as the val split, and all labels are 0.
