@@ -68,7 +68,7 @@ def test_export_cli_writes_a_checked_file(tmp_path, capsys, monkeypatch):
     import vitkit.cli as cli
 
     tiny = VisionTransformer(ViTConfig(**TINY))
-    monkeypatch.setattr(cli, "_model_from", lambda source, model_name=None: tiny)
+    monkeypatch.setattr(cli, "load_or_create", lambda source, model=None: tiny)
     out = tmp_path / "m.pt2"
     assert main(["export", "tiny", "--format", "exported-program", "--out", str(out)]) == 0
     assert out.exists()
@@ -132,7 +132,7 @@ def test_out_that_is_a_folder_is_refused(model, tmp_path, fmt):
 def test_out_that_is_a_folder_is_one_line_in_the_cli(tmp_path, capsys, monkeypatch):
     import vitkit.cli as cli
 
-    monkeypatch.setattr(cli, "_model_from", lambda source, model_name=None: VisionTransformer(ViTConfig(**TINY)))
+    monkeypatch.setattr(cli, "load_or_create", lambda source, model=None: VisionTransformer(ViTConfig(**TINY)))
     assert main(["export", "tiny", "--format", "torchscript", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "--out" in err and "is a folder" in err and "\n" not in err and "Traceback" not in err

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from .errors import VitkitError
+from .pretrained import load_or_create
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
 
@@ -21,23 +22,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
-
-
-def _model_from(source: str, *, model_name: str | None = None):
-    """A file or directory (or hf-hub: id) loads through load_pretrained; a variant name builds a
-    fresh model. A path wins over a name: a run folder called "tiny" is the user's model."""
-    from pathlib import Path
-
-    from .pretrained import create_model, load_pretrained
-    from .variants import resolve
-
-    if Path(source).exists() or source.startswith("hf-hub:"):
-        return load_pretrained(source, model=model_name)
-    try:
-        resolve(source)
-    except ValueError as error:
-        raise VitkitError(f"{source!r} is neither a file, a directory nor a model name: {error}") from None
-    return create_model(source)
 
 
 # ---------------------------------------------------------------------------- info
@@ -52,7 +36,7 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
 def _run_info(args: argparse.Namespace) -> int:
     from .info import describe
 
-    model = _model_from(args.source, model_name=args.model)
+    model = load_or_create(args.source, model=args.model)
     print(describe(model))
     return EXIT_OK
 
@@ -120,7 +104,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     from .infer import evaluate_source
 
-    model = _model_from(args.source, model_name=args.model)
+    model = load_or_create(args.source, model=args.model)
     result = evaluate_source(model, source=args.source, data=args.data, batch_size=args.batch_size,
                              device=args.device, split=args.split, out=args.out, strict=args.strict,
                              workers=args.workers)
@@ -160,7 +144,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     paths = list_images(args.images)
     if not paths:
         raise VitkitError(f"no images found in {' '.join(args.images)}")
-    model = _model_from(args.source, model_name=args.model)
+    model = load_or_create(args.source, model=args.model)
     results = predict(model, paths, top_k=args.top_k, device=args.device)
     for result in results:
         if args.json:
@@ -292,7 +276,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 def _run_export(args: argparse.Namespace) -> int:
     from .export import export_model
 
-    model = _model_from(args.source, model_name=args.model)
+    model = load_or_create(args.source, model=args.model)
     report = export_model(model, format=args.format, out=args.out, img_size=args.img_size)
     print(report)
     return EXIT_OK
@@ -322,7 +306,7 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
 def _run_explain(args: argparse.Namespace) -> int:
     from .explain import explain
 
-    model = _model_from(args.model, model_name=args.arch)
+    model = load_or_create(args.model, model=args.arch)
     result = explain(images=args.images, model=model, out_dir=args.out, fusion=args.rollout_fusion,
                      discard_ratio=args.discard_ratio, top_k=args.top_k, device=args.device, source=args.model)
     print(f"wrote {len(result.figures)} figures and {result.report}")
@@ -462,7 +446,7 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     if Path(args.model).exists():
         if overrides:
             raise VitkitError("--patch-size/--img-size apply to fresh models, not to --model " + args.model)
-        model = _model_from(args.model)
+        model = load_or_create(args.model)
     else:
         try:
             model = resolve(args.model).replace(num_classes=0, **overrides)

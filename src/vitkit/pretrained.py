@@ -43,9 +43,23 @@ def create_model(name: str | ViTConfig, **overrides: Any) -> VisionTransformer:
     if overrides:
         config = config.replace(**overrides)
     model = VisionTransformer(config)
-    if isinstance(name, str) and preprocessing_fields(name):
-        model.preprocessing = Preprocessing.for_size(config.img_size, **preprocessing_fields(name))
+    published = preprocessing_fields(name) if isinstance(name, str) else {}
+    if published:
+        model.preprocessing = Preprocessing.for_size(config.img_size, **published)
     return model
+
+
+def load_or_create(source: str, *, model: str | None = None) -> VisionTransformer:
+    """What the command line means by SOURCE: a file or directory (or hf-hub: id) loads through
+    `load_pretrained`; otherwise a variant name builds a fresh model. A path wins over a name: a
+    run folder called "tiny" is the user's model. `model` names the variant for weight files."""
+    if Path(source).exists() or source.startswith("hf-hub:"):
+        return load_pretrained(source, model=model)
+    try:
+        resolve(source)
+    except ValueError as error:
+        raise VitkitError(f"{source!r} is neither a file, a directory nor a model name: {error}") from None
+    return create_model(source)
 
 
 def save_pretrained(model: VisionTransformer, directory: str | Path) -> Path:
@@ -85,9 +99,10 @@ def load_pretrained(source: str | Path, model: str | ViTConfig | None = None, **
     except ValueError as error:
         raise VitkitError(f"--model {model}: {error}") from None
     config, state, extras = read_checkpoint(source, base=base)
-    if extras.get("preprocessing") is None and isinstance(model, str) and preprocessing_fields(model):
+    published = preprocessing_fields(model) if isinstance(model, str) else {}
+    if extras.get("preprocessing") is None and published:
         # The file does not say how its images were normalised; the named model's weights do.
-        extras = {**extras, "preprocessing": Preprocessing.for_size(config.img_size, **preprocessing_fields(model))}
+        extras = {**extras, "preprocessing": Preprocessing.for_size(config.img_size, **published)}
     return build_from_checkpoint(config, state, extras, source=str(source), overrides=overrides)
 
 

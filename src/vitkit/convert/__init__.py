@@ -118,7 +118,9 @@ def convert(*, source: str | Path, destination: str | Path, to: str, model: str 
     if not str(source).startswith("hf-hub:") and Path(source).exists() and destination.exists() \
             and destination.resolve() == Path(source).resolve():
         raise VitkitError(f"{destination}: is the source itself; converting in place would overwrite the original")
-    loaded = _load_or_build(source, model=model)
+    from ..pretrained import load_or_create
+
+    loaded = load_or_create(str(source), model=model)
     if to == "vitkit":
         return loaded.save_pretrained(destination)
     if to == "hf":
@@ -135,23 +137,6 @@ def convert(*, source: str | Path, destination: str | Path, to: str, model: str 
         # Readers (vitkit's, timm's, numpy's) know the format by this suffix.
         raise VitkitError(f"{destination}: the JAX layout is written as a .npz file; name it {destination.name}.npz")
     return write_npz(loaded, path=destination)
-
-
-def _load_or_build(source: str | Path, *, model: str | None) -> Any:
-    """Weights from `source`; a bare variant name (no such file) builds it with random weights,
-    as `vitkit info` and `export` do, e.g. to try a pipeline before the weights exist."""
-    from ..pretrained import create_model, load_pretrained
-    from ..variants import resolve
-
-    text = str(source)
-    if not Path(text).exists() and not text.startswith("hf-hub:"):
-        try:
-            resolve(text)
-        except ValueError:
-            pass  # not a name either: load_pretrained names the missing file
-        else:
-            return create_model(text)
-    return load_pretrained(source, model=model)
 
 
 __all__ = ["convert", "FORMATS", "STEM_READERS", "KeyTracker"]
