@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from .errors import CheckpointError, VitkitError
 from .model import VisionTransformer
 from .pretrained import CONFIG_FILE, WEIGHTS_FILE, save_pretrained
-from .weights import _fsync_dir, atomic_write, refusal_message, refused_by_weights_only
+from .weights import _fsync_dir, atomic_write, load_torch_file
 
 STATE_FILE = "train_state.pt"
 TAGS = ("last", "best")
@@ -117,12 +117,7 @@ def load_train_state(run_dir: str | Path) -> dict[str, Any]:
         raise CheckpointError(last, f"no complete checkpoint to resume from (needs {CONFIG_FILE}, "
                                     f"{WEIGHTS_FILE} and {STATE_FILE})")
     path = last / STATE_FILE
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001  weights_only refusals and corrupt files alike
-        if refused_by_weights_only(error):
-            raise CheckpointError(path, refusal_message(error)) from None
-        raise CheckpointError(path, f"not a readable training state ({str(error).splitlines()[0][:160]})") from None
+    state = load_torch_file(path, what="training state")
     if not isinstance(state, dict) or "progress" not in state:
         raise CheckpointError(path, "not a vitkit training state (no 'progress' entry)")
     return state

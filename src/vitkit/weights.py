@@ -7,9 +7,9 @@ only through `torch.load(weights_only=True)`, which refuses any object that is n
 from __future__ import annotations
 
 import os
-import pickle
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,15 +56,19 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
     return state
 
 
-def _read_torch_pickle(path: Path) -> dict[str, Tensor]:
+def load_torch_file(path: Path, *, what: str = "PyTorch checkpoint") -> Any:
+    """torch.load(weights_only=True) on the CPU: a file whose pickle asks for code is refused,
+    and one that cannot be read is "not a readable <what>", each a one-line CheckpointError."""
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001  refusals, and garbage reaching the unpickler's KeyError, struct.error...
         if refused_by_weights_only(error):
             raise CheckpointError(path, refusal_message(error)) from None
-        raise CheckpointError(path, f"not a readable PyTorch checkpoint ({_first_line(error)})") from None
-    except Exception as error:  # noqa: BLE001  garbage bytes reach the unpickler's KeyError, IndexError, struct.error...
-        raise CheckpointError(path, f"not a readable PyTorch checkpoint ({_first_line(error)})") from None
+        raise CheckpointError(path, f"not a readable {what} ({_first_line(error)})") from None
+
+
+def _read_torch_pickle(path: Path) -> dict[str, Tensor]:
+    obj = load_torch_file(path)
     for wrapper in ("state_dict", "model", "module", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
