@@ -240,18 +240,19 @@ def pretrain_mae(*, model: str | ViTConfig | VisionTransformer | None = None, ou
     the first, every tenth of the run and the last epoch), metrics.jsonl (one line per epoch) and
     summary.json.
     """
-    from .checkpoint import load_train_state, save_checkpoint
+    from .checkpoint import save_checkpoint
     from .data import build_data
     from .infer import resolve_device
     from .optim import build_optimizer, lr_at, set_lr
     from .pretrained import create_model, load_pretrained
+    from .train import absolute_if_local, read_metrics
 
     run_dir = Path(out)
     if run_dir.exists() and not run_dir.is_dir():
         raise VitkitError(f"--out {run_dir}: a file, not a directory")
     state = None
     if resume:
-        settings, state = _resumed_settings(run_dir, load_train_state)
+        settings, state = _resumed_settings(run_dir)
         epochs = epochs or settings["epochs"]
         data, batch_size, lr, weight_decay = settings["data"], settings["batch_size"], settings["lr"], settings["weight_decay"]
         warmup_epochs, mask_ratio, seed, max_train = (settings["warmup_epochs"], settings["mask_ratio"],
@@ -295,7 +296,7 @@ def pretrain_mae(*, model: str | ViTConfig | VisionTransformer | None = None, ou
     run_dir.mkdir(parents=True, exist_ok=True)
     first_epoch, step, earlier_time = 0, 0, 0.0
     if state is None or settings["epochs"] != epochs:
-        settings = dict(data=_absolute(data), epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+        settings = dict(data=absolute_if_local(data), epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                         warmup_epochs=warmup_epochs, mask_ratio=mask_ratio, decoder_dim=decoder_dim,
                         decoder_depth=decoder_depth, decoder_heads=decoder_heads, seed=seed, max_train=max_train)
         text = json.dumps(settings, indent=2) + "\n"
@@ -347,7 +348,7 @@ def pretrain_mae(*, model: str | ViTConfig | VisionTransformer | None = None, ou
             print(f"epoch {epoch + 1}/{epochs}  train loss {record['train_loss']:.4f}  val loss "
                   f"{record['val_loss']:.4f}  {record['seconds']:.1f}s", flush=True)
     # The same wall-time field as a training run's summary, so benchmarks can match compute across arms.
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = read_metrics(run_dir / "metrics.jsonl")
     summary = {"run_dir": str(run_dir), "method": "mae", "epochs": epochs, "steps": step,
                "final_train_loss": records[-1]["train_loss"], "final_val_loss": records[-1]["val_loss"],
                "wall_time_s": earlier_time + time.perf_counter() - run_started,
@@ -357,15 +358,9 @@ def pretrain_mae(*, model: str | ViTConfig | VisionTransformer | None = None, ou
     return result
 
 
-def _absolute(data: str | None) -> str | None:
-    """A local path made absolute, so that --resume works from any directory."""
-    import os
-
-    return os.path.abspath(data) if data is not None and os.path.exists(data) else data
-
-
-def _resumed_settings(run_dir: Path, load_train_state) -> tuple[dict[str, Any], dict[str, Any]]:
+def _resumed_settings(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """The saved settings and training state of a pre-training run, checked before use."""
+    from .checkpoint import load_train_state, recover
     path = run_dir / SETTINGS_FILE
     if not path.is_file():
         raise VitkitError(f"--resume {run_dir}: not a pre-training run directory (no {SETTINGS_FILE})")
@@ -382,8 +377,6 @@ def _resumed_settings(run_dir: Path, load_train_state) -> tuple[dict[str, Any], 
              or isinstance(settings.get(k), bool)]
     if wrong:
         raise VitkitError(f"{path}: missing or mistyped settings {wrong}")
-    from .checkpoint import recover
-
     recover(run_dir)  # a kill between a checkpoint's two renames leaves it in .last.tmp / .last.old
     if not (run_dir / "last").exists():
         raise VitkitError(f"--resume {run_dir}: no checkpoint yet (it stopped before its first epoch ended, so "
@@ -396,18 +389,10 @@ def _resumed_settings(run_dir: Path, load_train_state) -> tuple[dict[str, Any], 
 
 def _keep_epochs(path: Path, last_epoch: int) -> None:
     """Drop the metrics of epochs after the checkpoint (and a line a kill cut short)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if record.get("epoch", 0) <= last_epoch:
-            kept.append(line + "\n")
-    text = "".join(kept)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    from .train import read_metrics, write_metrics
+
+    if path.exists():
+        write_metrics(path, [r for r in read_metrics(path) if r.get("epoch", 0) <= last_epoch])
 
 
 def _spread_batches(loader: Any, count: int) -> Tensor:

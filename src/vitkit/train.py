@@ -128,11 +128,14 @@ _FALLBACK = dict(seed=0, grad_accum=1, min_lr=0.0, label_smoothing=0.0, mixup=0.
 _PATH_FIELDS = ("data", "init", "distill_from")
 
 
+def absolute_if_local(value: str | None) -> str | None:
+    """A path that exists here made absolute, so that a run resumes from any working directory;
+    anything else (cifar10, hf-hub:..., None) as it is."""
+    return os.path.abspath(value) if isinstance(value, str) and os.path.exists(value) else value
+
+
 def _absolute_paths(config: TrainConfig) -> TrainConfig:
-    """Local paths made absolute, so that a run resumes from any working directory."""
-    changes = {name: os.path.abspath(value) for name in _PATH_FIELDS
-               if isinstance(value := getattr(config, name), str) and os.path.exists(value)}
-    return dataclasses.replace(config, **changes) if changes else config
+    return dataclasses.replace(config, **{name: absolute_if_local(getattr(config, name)) for name in _PATH_FIELDS})
 
 
 def resolve_config(config: TrainConfig) -> TrainConfig:
@@ -344,7 +347,7 @@ class _MetricsLog:
             # A resumed run redoes the steps after its checkpoint: drop their records (and a
             # line a kill cut short), so the log reads as one uninterrupted run.
             kept = [r for r in read_metrics(path) if r.get("step", 0) <= keep_until_step]
-            _write_lines(path, kept)
+            write_metrics(path, kept)
         self.handle = open(path, "a") if enabled else None
 
     def write(self, record: dict[str, Any]) -> None:
@@ -357,7 +360,8 @@ class _MetricsLog:
             self.handle.close()
 
 
-def _write_lines(path: Path, records: list[dict[str, Any]]) -> None:
+def write_metrics(path: Path, records: list[dict[str, Any]]) -> None:
+    """Replace a metrics.jsonl with `records`, atomically (a resumed run drops redone steps)."""
     from .weights import atomic_write
 
     text = "".join(json.dumps(r) + "\n" for r in records)
@@ -883,4 +887,4 @@ def _restore_optimizer(wrapped: nn.Module, optimizer: torch.optim.Optimizer, sta
 
 
 __all__ = ["TrainConfig", "train", "resolve_config", "evaluate", "compute_loss", "soft_cross_entropy",
-           "read_metrics", "TrainingDiverged"]
+           "read_metrics", "write_metrics", "TrainingDiverged"]
