@@ -42,7 +42,6 @@ PEERS = ("timm", "hf", "onnxruntime")  # onnxruntime: vitkit exported to ONNX, C
 MODES = ("infer", "train")
 FIELDS = ("impl", "mode", "model", "batch_size", "img_size", "precision", "compile", "device",
           "img_per_s", "step_ms", "mfu", "peak_mem_gb", "peak_rss_gb", "peak_rss_scope", "levers", "ratios")
-DEVICE_TYPES = ("cpu", "cuda")  # time_steps knows how to time these two
 
 
 def _sync(device: torch.device) -> None:
@@ -281,7 +280,9 @@ def benchmark_throughput(*, model: str, batch_size: int = 64, precision: str = "
             raise VitkitError(f"--img-size: {error}") from None
     if sdpa_backend not in SDPA_BACKENDS:
         raise VitkitError(f"--sdpa: expected one of {', '.join(SDPA_BACKENDS)}, got {sdpa_backend!r}")
-    dev = _device(device)
+    from .infer import resolve_device
+
+    dev = resolve_device(device)
     dtype = PRECISIONS[precision]
 
     from .model import VisionTransformer
@@ -361,26 +362,6 @@ def _measure_onnxruntime(*, build: Callable[[], nn.Module], config: ViTConfig, b
                                            steps=steps, repeats=repeats, warmup=warmup))
     return {"impl": "onnxruntime", "mode": "infer", "step_ms": seconds * 1e3, "img_per_s": batch_size / seconds,
             "peak_mem_gb": None, "peak_rss_gb": peak_rss_gb(), "peak_rss_scope": scope, "levers": "-"}
-
-
-def _device(device: str | None) -> torch.device:
-    """`--device` as a torch.device this benchmark can time; a one-line error otherwise."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    expected = "expected cpu, cuda or cuda:N"
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError, TypeError):
-        raise VitkitError(f"--device {device!r}: {expected}") from None
-    if dev.type not in DEVICE_TYPES:
-        raise VitkitError(f"--device {device!r}: {expected}")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise VitkitError(f"--device {device}: CUDA is not available here")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise VitkitError(f"--device {device}: there are {torch.cuda.device_count()} CUDA device(s), "
-                              f"numbered from 0")
-    return dev
 
 
 def _device_name(device: torch.device) -> str:

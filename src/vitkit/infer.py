@@ -15,16 +15,24 @@ from .model import VisionTransformer
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """None picks CUDA when there is one; a device that is not there is a user error."""
+    """`--device` as a torch.device vitkit can run on: None picks CUDA when there is one; anything
+    but cpu, cuda or cuda:N, or a GPU that is not there, is a one-line user error."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    expected = "expected cpu, cuda or cuda:N"
     try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise VitkitError(f"--device {device!r}: {error}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise VitkitError(f"--device {device}: CUDA is not available on this machine")
-    return device
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise VitkitError(f"--device {device!r}: {expected}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise VitkitError(f"--device {device!r}: {expected}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise VitkitError(f"--device {device}: CUDA is not available here")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise VitkitError(f"--device {device}: there are {torch.cuda.device_count()} CUDA device(s), "
+                              f"numbered from 0")
+    return dev
 
 
 def label_names(model: VisionTransformer) -> list[str]:

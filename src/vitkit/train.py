@@ -248,12 +248,9 @@ def _init_distributed(device_hint: str | None) -> _Dist:
 
 def _device(config: TrainConfig, dist: _Dist) -> torch.device:
     if config.device:
-        try:
-            device = torch.device(config.device)
-        except RuntimeError as error:
-            raise VitkitError(f"--device {config.device!r}: {str(error).splitlines()[0]} (e.g. cpu, cuda, cuda:1)") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise VitkitError(f"--device {config.device}: CUDA is not available on this machine")
+        from .infer import resolve_device
+
+        device = resolve_device(config.device)
         if device.type == "cuda" and dist.world_size > 1:
             device = torch.device("cuda", dist.local_rank)
         return device
