@@ -551,8 +551,6 @@ def _train(config: TrainConfig, dist: _Dist) -> dict[str, Any]:
     precision = cfg.precision or ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
     if cfg.batch_size % dist.world_size:
         raise VitkitError(f"--batch-size {cfg.batch_size} is not divisible by the {dist.world_size} processes")
-    if dist.main and run_dir.is_dir():
-        recover(run_dir)
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
 
     build = cfg  # what the model is built from; cfg itself (saved in config.json) keeps --init as given
