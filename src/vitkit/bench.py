@@ -187,10 +187,12 @@ def build_hf(config: ViTConfig) -> nn.Module:
 # ---------------------------------------------------------------------------- one measurement
 def _measure(*, impl: str, build: Callable[[], nn.Module], mode: str, config: ViTConfig, batch_size: int,
              dtype: torch.dtype, device: torch.device, compile: bool, compile_mode: str,
-             grad_checkpointing: bool, sdpa_backend: str, steps: int, repeats: int, warmup: int) -> dict:
+             grad_checkpointing: bool, sdpa_backend: str, steps: int, repeats: int, warmup: int,
+             fp8: bool = False) -> dict:
     from .fast import attention_backends, make_adamw, optimize_for_inference, optimize_for_training
 
     backend = sdpa_backend if impl == "vitkit" else "default"
+    fp8 = fp8 and impl == "vitkit"
     model = build().to(device)
     H, W = config.img_size
     x = torch.randn(batch_size, config.in_chans, H, W, device=device)
@@ -199,7 +201,7 @@ def _measure(*, impl: str, build: Callable[[], nn.Module], mode: str, config: Vi
         torch.cuda.reset_peak_memory_stats(device)
     if mode == "infer":
         run = optimize_for_inference(model, dtype=dtype, compile=compile, compile_mode=compile_mode,
-                                     sdpa_backend=backend)
+                                     sdpa_backend=backend, fp8=fp8)
         x = x.to(dtype)
 
         def step() -> object:
@@ -207,7 +209,7 @@ def _measure(*, impl: str, build: Callable[[], nn.Module], mode: str, config: Vi
                 return run(x)
     else:
         run = optimize_for_training(model, compile=compile, compile_mode=compile_mode, sdpa_backend=backend,
-                                    grad_checkpointing=grad_checkpointing)
+                                    grad_checkpointing=grad_checkpointing, fp8=fp8)
         optimizer = make_adamw(model.parameters(), lr=1e-4)
         labels = torch.randint(0, max(config.num_classes, 1), (batch_size,), device=device)
         autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext())
@@ -230,6 +232,8 @@ def _measure(*, impl: str, build: Callable[[], nn.Module], mode: str, config: Vi
         levers.append(f"sdpa={chosen[0].name.lower()}")
     if grad_checkpointing and mode == "train":
         levers.append("grad-checkpointing")
+    if fp8:
+        levers.append("fp8")
     del model, run
     return {"impl": impl, "mode": mode, "step_ms": seconds * 1e3, "img_per_s": batch_size / seconds,
             "peak_mem_gb": peak, "peak_rss_gb": rss, "peak_rss_scope": scope, "levers": ",".join(levers) or "-"}
@@ -241,7 +245,7 @@ def benchmark_throughput(*, model: str, batch_size: int = 64, precision: str = "
                          repeats: int = 5, warmup: int = 3, modes: Sequence[str] = MODES,
                          sdpa_backend: str = "auto", grad_checkpointing: bool = False,
                          num_classes: int | None = None, config: ViTConfig | None = None,
-                         matmul_tflops: float | None = None) -> list[dict]:
+                         matmul_tflops: float | None = None, fp8: bool = False) -> list[dict]:
     """Images per second, MFU and peak memory of vitkit and each peer, for inference and for a
     full training step; one dict per (implementation, mode), with the fields in `FIELDS`.
 
@@ -249,6 +253,7 @@ def benchmark_throughput(*, model: str, batch_size: int = 64, precision: str = "
     peers: any of 'timm', 'hf'; a peer whose package is missing is reported and skipped.
     ratios (vitkit rows): vitkit's img/s over each peer's, in the same mode.
     matmul_tflops: the bf16 matmul rate for MFU; measured on `device` when None.
+    fp8: vitkit's blocks run their matmuls in FP8 (opt-in, changes the numbers; peers unchanged).
     """
     from .model import count_flops
     from .variants import resolve
@@ -319,7 +324,7 @@ def benchmark_throughput(*, model: str, batch_size: int = 64, precision: str = "
                 row = measure(impl=impl, build=build, mode=mode, config=config, batch_size=batch_size,
                               dtype=dtype, device=dev, compile=compile, compile_mode=compile_mode,
                               grad_checkpointing=grad_checkpointing, sdpa_backend=sdpa_backend, steps=steps,
-                              repeats=repeats, warmup=warmup)
+                              repeats=repeats, warmup=warmup, fp8=fp8)
             except Exception as error:  # a peer that breaks (out of memory, a compile error) loses its row only
                 if impl == "vitkit":
                     raise

@@ -184,6 +184,8 @@ def _add_bench_throughput(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--modes", default="infer,train", help="comma list of infer, train")
     p.add_argument("--sdpa", default="auto", help="vitkit's attention kernel: auto, default, cudnn, flash, efficient, math")
     p.add_argument("--grad-checkpointing", action="store_true", help="for every model's training step")
+    p.add_argument("--fp8", action="store_true",
+                   help="vitkit's encoder matmuls in FP8 (opt-in; changes the numbers; for Hopper and newer GPUs)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     p.set_defaults(run=_run_bench_throughput)
 
@@ -198,7 +200,7 @@ def _run_bench_throughput(args: argparse.Namespace) -> int:
         compile_mode=args.compile_mode, peers=[p for p in args.peers.split(",") if p], img_size=args.img_size,
         device=args.device, steps=args.steps, repeats=args.repeats, warmup=args.warmup,
         modes=[m for m in args.modes.split(",") if m], sdpa_backend=args.sdpa,
-        grad_checkpointing=args.grad_checkpointing)
+        grad_checkpointing=args.grad_checkpointing, fp8=args.fp8)
     print(json.dumps(rows, indent=1) if args.json else format_table(rows))
     return EXIT_OK
 

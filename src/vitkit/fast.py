@@ -8,7 +8,10 @@ The levers, each measured in benchmarks/RESULTS.md (## Throughput):
   * torch.compile, which fuses LayerNorm, GELU, bias adds and residuals into the matmuls'
     neighbours; its mode picks autotuned matmuls and CUDA graphs (useful at small batches);
   * gradient checkpointing for models whose activations do not fit;
-  * the fused (single-kernel) AdamW.
+  * the fused (single-kernel) AdamW;
+  * opt-in FP8 matmuls in the encoder blocks (`fp8=True`, see fp8.py): Hopper's FP8 tensor
+    cores at twice the bf16 rate, at the price of e4m3/e5m2 rounding in those matmuls, which
+    does change the numbers (measured in tests/test_fp8.py and the benchmarks).
 """
 
 from __future__ import annotations
@@ -72,28 +75,38 @@ def _wrap(model: nn.Module, *, device: torch.device, sdpa_backend: str, compile:
 
 
 def optimize_for_inference(model: nn.Module, *, dtype: torch.dtype | None = None, compile: bool = False,
-                           compile_mode: str = "default", sdpa_backend: str = "auto") -> nn.Module:
+                           compile_mode: str = "default", sdpa_backend: str = "auto", fp8: bool = False) -> nn.Module:
     """Put `model` in eval mode without gradients, cast its weights to `dtype` (inputs must then
-    come in that dtype too), choose the attention kernel and optionally compile it.
+    come in that dtype too), choose the attention kernel and optionally compile it; `fp8` runs
+    the blocks' linear layers in FP8 with their weights cast once.
 
-    Returns a module computing the same logits as `model` (to the rounding of `dtype`); the
-    original module is modified in place (cast, frozen), and the returned one may wrap it.
+    Returns a module computing the same logits as `model` (to the rounding of `dtype`, and of FP8
+    where asked); the original module is modified in place (cast, frozen), and the returned one
+    may wrap it.
     """
     model.eval().requires_grad_(False)
     if dtype is not None:
         model.to(dtype)
+    if fp8:
+        from .fp8 import convert_to_fp8
+
+        convert_to_fp8(model, freeze_weights=True)
     device = next(model.parameters()).device
     return _wrap(model, device=device, sdpa_backend=sdpa_backend, compile=compile, compile_mode=compile_mode)
 
 
 def optimize_for_training(model: nn.Module, *, compile: bool = False, compile_mode: str = "default",
-                          sdpa_backend: str = "auto", grad_checkpointing: bool = False) -> nn.Module:
+                          sdpa_backend: str = "auto", grad_checkpointing: bool = False, fp8: bool = False) -> nn.Module:
     """Put `model` in train mode, optionally with gradient checkpointing (activations of each
-    block recomputed in the backward pass: less memory for ~30% more compute), choose the
-    attention kernel and optionally compile it. Keep the weights float32 and train under
-    `torch.autocast` for mixed precision; build the optimizer with `make_adamw` on the original
-    module's parameters (the wrapper shares them)."""
+    block recomputed in the backward pass: less memory for ~30% more compute) and FP8 matmuls
+    in the blocks, choose the attention kernel and optionally compile it. Keep the weights
+    float32 and train under `torch.autocast` for mixed precision; build the optimizer with
+    `make_adamw` on the original module's parameters (the wrapper shares them)."""
     model.train()
+    if fp8:
+        from .fp8 import convert_to_fp8
+
+        convert_to_fp8(model)
     if grad_checkpointing:
         if not hasattr(model, "set_grad_checkpointing"):
             raise ValueError(f"{type(model).__name__} has no set_grad_checkpointing()")

@@ -1,0 +1,135 @@
+"""FP8 matmuls for the encoder's linear layers: an opt-in speed lever, not part of the paper's model.
+
+Hopper's tensor cores multiply float8 matrices at twice their bf16 rate, and almost all of a
+ViT's FLOPs are the four linear layers of each block (qkv, proj, fc1, fc2). `convert_to_fp8`
+makes those four compute y = x W^T + b as a scaled FP8 matmul:
+
+  * forward: x and W are cast to float8 e4m3 (3 mantissa bits, largest value 448), each with
+    one scale chosen from the tensor's absolute maximum so its largest entry lands near 448
+    ("dynamic per-tensor scaling"); the product accumulates in float32 and comes out in the
+    autocast dtype;
+  * backward: the incoming gradient is cast to e5m2 (2 mantissa bits, range to 57344), because
+    gradients span more orders of magnitude than activations, and both gradients (input and
+    weight) come from FP8 matmuls too.
+
+Everything else (patch embedding, LayerNorm, softmax, GELU, residuals, head) keeps its precision,
+and the parameters stay what they were (float32 master weights in training), so a model trains
+and saves exactly as without FP8, to the rounding of the matmuls: tests/test_fp8.py measures it.
+On a GPU without FP8 tensor cores, and on CPU, the same arithmetic runs (slowly); use it there
+only to check numbers. Compile the model: the casts and scale reductions are extra memory
+passes in eager mode that torch.compile fuses into their neighbours.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+E4M3 = torch.float8_e4m3fn
+E5M2 = torch.float8_e5m2
+# Both sides of an FP8 matmul need dimensions divisible by 16 (cuBLASLt's rule); token counts
+# such as 197 x batch are padded up to it, feature widths must already be multiples.
+ALIGN = 16
+
+
+def to_float8(t: Tensor, dtype: torch.dtype = E4M3) -> tuple[Tensor, Tensor]:
+    """`t` scaled so its largest magnitude becomes the format's largest, in `dtype`, and the
+    inverse scale (float32 scalar) that turns products back into the original units."""
+    largest = torch.finfo(dtype).max
+    amax = t.detach().abs().amax().float().clamp(min=1e-12)  # an all-zero tensor stays zero
+    scale = largest / amax
+    return (t.float() * scale).clamp(-largest, largest).to(dtype), scale.reciprocal()
+
+
+def _column_major(t: Tensor) -> Tensor:
+    """The same matrix laid out column by column, as the second operand of _scaled_mm must be."""
+    return t.t().contiguous().t()
+
+
+class _Float8Matmul(torch.autograd.Function):
+    """x @ W^T with x (M, K), W (N, K), M, N, K multiples of ALIGN, in FP8 both ways."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, out_dtype: torch.dtype) -> Tensor:
+        x8, x_inv = to_float8(x)
+        w8, w_inv = to_float8(weight)
+        # The FP8 copies are what the backward pass needs: they also halve the saved activations.
+        ctx.save_for_backward(x8, x_inv, w8, w_inv)
+        ctx.dtypes = (x.dtype, weight.dtype)
+        return torch._scaled_mm(x8, w8.t(), scale_a=x_inv, scale_b=w_inv, out_dtype=out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:
+        x8, x_inv, w8, w_inv = ctx.saved_tensors
+        x_dtype, w_dtype = ctx.dtypes
+        g8, g_inv = to_float8(grad, E5M2)
+        grad_x = torch._scaled_mm(g8, _column_major(w8), scale_a=g_inv, scale_b=w_inv, out_dtype=grad.dtype)
+        # dW sums over every token of the batch: accumulate and return it in float32, not bf16.
+        grad_w = torch._scaled_mm(g8.t().contiguous(), _column_major(x8), scale_a=g_inv, scale_b=x_inv,
+                                  out_dtype=torch.float32)
+        return grad_x.to(x_dtype), grad_w.to(w_dtype), None
+
+
+class Float8Linear(nn.Linear):
+    """nn.Linear whose matmul runs in FP8 (see the module docstring). Same parameters and
+    state-dict keys as nn.Linear, so checkpoints move freely between the two.
+
+    `freeze_weight()` casts the weight to FP8 once, for inference with fixed weights: later
+    forward passes without gradients use that copy instead of casting the weight every call.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # Not persistent: a checkpoint keeps the real weight, and this copy is derived from it.
+        self.register_buffer("weight_fp8", None, persistent=False)
+        self.register_buffer("weight_inv_scale", None, persistent=False)
+
+    def freeze_weight(self) -> None:
+        self.weight_fp8, self.weight_inv_scale = to_float8(self.weight.detach())
+
+    def forward(self, x: Tensor) -> Tensor:
+        device = x.device.type
+        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        rows = x.reshape(-1, x.shape[-1])
+        padding = -rows.shape[0] % ALIGN
+        if padding:
+            rows = F.pad(rows, (0, 0, 0, padding))  # zero rows change neither amax nor the real rows
+        if self.weight_fp8 is not None and not torch.is_grad_enabled():
+            x8, x_inv = to_float8(rows)
+            y = torch._scaled_mm(x8, self.weight_fp8.t(), scale_a=x_inv, scale_b=self.weight_inv_scale,
+                                 out_dtype=out_dtype)
+        else:
+            y = _Float8Matmul.apply(rows, self.weight, out_dtype)
+        if padding:
+            y = y[: y.shape[0] - padding]
+        if self.bias is not None:
+            y = y + self.bias.to(out_dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def convert_to_fp8(model: nn.Module, *, freeze_weights: bool = False) -> int:
+    """Swap every nn.Linear inside the encoder blocks (`model.blocks`) for a Float8Linear that
+    shares its parameters, in place; returns how many were swapped. Build the optimizer before
+    or after: the parameters are the same objects. Layers whose widths are not multiples of
+    ALIGN stay as they are. `freeze_weights` also casts the weights once (inference only)."""
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        raise ValueError(f"{type(model).__name__} has no encoder blocks (`.blocks`) to run in FP8")
+    swapped = 0
+    for parent in blocks.modules():
+        for name, child in list(parent.named_children()):
+            if type(child) is not nn.Linear or child.in_features % ALIGN or child.out_features % ALIGN:
+                continue
+            fp8 = Float8Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
+            fp8.weight, fp8.bias = child.weight, child.bias
+            if freeze_weights:
+                fp8.freeze_weight()
+            setattr(parent, name, fp8)
+            swapped += 1
+    if not swapped:
+        raise ValueError(f"no linear layer of {type(model).__name__}'s blocks has widths divisible by {ALIGN}")
+    return swapped
+
+
+__all__ = ["convert_to_fp8", "Float8Linear", "to_float8", "E4M3", "E5M2", "ALIGN"]
