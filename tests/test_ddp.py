@@ -112,6 +112,54 @@ def test_a_ddp_run_resumes_under_fsdp(shapes, tmp_path, single):
     assert json.loads((out / "config.json").read_text())["fsdp"] is True
 
 
+def _masks_worker(rank: int, world: int, port: int, config: TrainConfig, stop_at: int | None, masks_to: str) -> None:
+    """_worker, saving the stochastic-depth masks this rank drew in training (which samples kept)."""
+    from vitkit.layers import DropPath
+
+    real, masks = DropPath.forward, []
+
+    def forward(self, x):
+        y = real(self, x)
+        if self.training and self.p:
+            masks.append(y.flatten(1).ne(0).any(1))
+        return y
+
+    DropPath.forward = forward
+    try:
+        _worker(rank, world, port, config, stop_at)
+    finally:
+        torch.save(masks, f"{masks_to}.{rank}")
+
+
+def _masks_of_two(config: TrainConfig, masks_to, stop_at: int | None = None) -> list[list]:
+    try:
+        mp.start_processes(_masks_worker, args=(2, _free_port(), config, stop_at, str(masks_to)), nprocs=2,
+                           join=True, start_method="spawn")
+    except mp.ProcessExitedException:
+        if stop_at is None:  # as in _run_two
+            raise
+    return [torch.load(f"{masks_to}.{rank}") for rank in range(2)]
+
+
+def test_ranks_draw_their_own_drop_path_masks_and_resume_them(shapes, tmp_path):
+    # depth 2: the first block's drop rate is always 0. Each rank sees other samples, so the
+    # same masks on every rank would drop the same positions of the batch in every process.
+    config = dict(SAME, drop_path=0.5,
+                  model_overrides={**tiny_config(shapes, tmp_path).model_overrides, "depth": 2})
+    full = _masks_of_two(tiny_config(shapes, tmp_path / "full", **config), tmp_path / "full_masks")
+    assert len(full[0]) == len(full[1]) > 0
+    assert any(not torch.equal(a, b) for a, b in zip(*full))
+    # Stopped mid-epoch 2 and resumed from the epoch-1 checkpoint, each rank draws on where its
+    # own stream left off, not rank 0's.
+    out = tmp_path / "run"
+    _masks_of_two(tiny_config(shapes, out, **config), tmp_path / "stopped_masks", stop_at=4)
+    resumed = _masks_of_two(TrainConfig(resume=str(out), progress=False), tmp_path / "resumed_masks")
+    for rank in range(2):
+        assert 0 < len(resumed[rank]) < len(full[rank])
+        for a, b in zip(resumed[rank], full[rank][-len(resumed[rank]):]):
+            assert torch.equal(a, b), f"rank {rank}"
+
+
 def test_errors_of_other_processes_are_labelled_by_rank(monkeypatch, capsys):
     # An error only one process meets (its shard of the data, its GPU) must be told; the label
     # says which process, and rank 0's line stays plain.

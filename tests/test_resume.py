@@ -165,3 +165,24 @@ def test_a_run_that_fails_to_start_leaves_its_directory_free(shapes, tmp_path, c
     assert "missing" in capsys.readouterr().err
     assert not out.exists()  # not even an empty directory
     assert train(tiny_config(shapes, out, epochs=1))["steps"] > 0
+
+
+def test_a_checkpoint_without_per_rank_streams_still_resumes_every_rank():
+    # Checkpoints older than per-rank streams hold rank 0's state only: rank 0 continues it, the
+    # other ranks get streams of their own (repeatable) rather than a copy of rank 0's.
+    cpu = torch.device("cpu")
+
+    def draws_after_resume(state, rank, step=4):
+        train_module._resume_rng(state, seed=0, rank=rank, step=step, device=cpu)
+        return torch.rand(8)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(123)
+        old = {"rng": train_module._rng_state(cpu), "progress": {}}
+        expected = torch.rand(8)
+        assert torch.equal(draws_after_resume(old, 0), expected)
+        rank1 = draws_after_resume(old, 1)
+        assert not torch.equal(rank1, expected)
+        assert torch.equal(draws_after_resume(old, 1), rank1)
+        assert not torch.equal(draws_after_resume(old, 2), rank1)
+        assert not torch.equal(draws_after_resume(old, 1, step=8), rank1)

@@ -6,7 +6,8 @@ One process per device; under torchrun the processes form a DistributedDataParal
 --fsdp, a fully_shard) group. `batch_size` is the global batch of one forward pass across all
 processes; an optimiser step sees batch_size * grad_accum images. Every random choice (data
 order, augmentation, mixup, dropout) is keyed by the seed and the step, so a resumed run
-retraces the uninterrupted one exactly.
+retraces the uninterrupted one exactly; mixup and dropout are also keyed by the rank, so the
+processes, which see different samples, do not draw the same masks.
 """
 
 from __future__ import annotations
@@ -619,7 +620,11 @@ def _train(config: TrainConfig, dist: _Dist) -> dict[str, Any]:
         _restore_optimizer(wrapped, optimizer, resume_state["optimizer"], dist)
         scaler.load_state_dict(resume_state["scaler"]) if resume_state.get("scaler") else None
         progress.update(resume_state["progress"])
-        _restore_rng(resume_state["rng"], device)
+        _resume_rng(resume_state, seed=cfg.seed, rank=dist.rank, step=progress["step"], device=device)
+    elif dist.rank > 0:
+        # The weights are built, identical everywhere; from here each rank draws its own dropout
+        # and stochastic-depth masks. Rank 0 keeps the stream of a one-process run.
+        torch.manual_seed(_rank_seed(cfg.seed, dist.rank))
 
     if dist.main:
         # Made once the data, model and teacher are known to work: a run that fails to start
@@ -640,6 +645,7 @@ def _train(config: TrainConfig, dist: _Dist) -> dict[str, Any]:
         """Write RUN/last (with the training state) or RUN/best; every process takes part."""
         full_model = _gathered_model(raw, wrapped, dist)
         optim_state = _optimizer_state(wrapped, optimizer, dist) if tag == "last" else None
+        rng_states = _gathered_rng(device, dist) if tag == "last" else None
         if dist.main:
             if tag == "best" and ema is not None:
                 full_model = ema.model
@@ -648,7 +654,9 @@ def _train(config: TrainConfig, dist: _Dist) -> dict[str, Any]:
                 # Wall time so far, kept with the checkpoint: a resumed run's summary counts all of it.
                 progress["wall_time"] = wall_before + time.perf_counter() - start_time
                 state = {"optimizer": optim_state, "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                         "ema": ema.model.state_dict() if ema else None, "rng": _rng_state(device),
+                         "ema": ema.model.state_dict() if ema else None,
+                         # "rng" (rank 0's) is what checkpoints had before per-rank streams.
+                         "rng": rng_states[0], "rng_ranks": rng_states,
                          "progress": {**progress, "epoch": epoch, "batch": batch}}
             save_checkpoint(run_dir, tag=tag, model=full_model, train_state=state)
         _barrier(dist)
@@ -818,6 +826,38 @@ def _restore_rng(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """The global RNG's seed for `rank` (> 0) of a run, or for a rank that resumes at `step`
+    without a saved stream of its own."""
+    import numpy as np
+
+    words = np.random.SeedSequence([seed % (1 << 64), rank, step]).generate_state(2, np.uint32)
+    return int(words[0]) << 32 | int(words[1])
+
+
+def _gathered_rng(device: torch.device, dist: _Dist) -> list[dict[str, Any]] | None:
+    """Every rank's RNG state, indexed by rank, on rank 0 (None on the others)."""
+    own = _rng_state(device)
+    if dist.world_size == 1:
+        return [own]
+    import torch.distributed as tdist
+
+    states = [None] * dist.world_size if dist.main else None
+    tdist.gather_object(own, states, dst=0)
+    return states
+
+
+def _resume_rng(state: dict[str, Any], *, seed: int, rank: int, step: int, device: torch.device) -> None:
+    """Continue this rank's own stream; a rank the checkpoint has none for (a checkpoint older
+    than per-rank streams, or a run resumed on more processes) starts a fresh one keyed by
+    (seed, rank, step): taking rank 0's would give it rank 0's masks."""
+    saved = state.get("rng_ranks") or [state["rng"]]
+    if rank < len(saved):
+        _restore_rng(saved[rank], device)
+    else:
+        torch.manual_seed(_rank_seed(seed, rank, step))
 
 
 def _share_batch_norm(model: nn.Module, *, device: torch.device, main: bool) -> None:
