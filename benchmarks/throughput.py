@@ -15,7 +15,7 @@ import traceback
 import torch
 
 from vitkit.bench import benchmark_throughput, format_table, measure_matmul_tflops
-from vitkit.fast import optimize_for_inference
+from vitkit.fast import optimize_for_inference, optimize_for_training
 from vitkit.model import VisionTransformer
 from vitkit.variants import resolve
 
@@ -40,9 +40,18 @@ with torch.no_grad():
         fast = optimize_for_inference(copy.deepcopy(ref_model), dtype=torch.bfloat16, sdpa_backend=backend)
         got = fast(x.bfloat16()).double()
         print(f"fast path sdpa={backend}: rel. error vs fp32 {float((got - ref).norm() / ref.norm()):.2e}", flush=True)
-del ref_model, fast
+    # FP8 (opt-in): the rounding it adds on this GPU, and one training step through its backward.
+    fast = optimize_for_inference(copy.deepcopy(ref_model), dtype=torch.bfloat16, fp8=True)
+    got = fast(x.bfloat16()).double()
+    print(f"fp8 inference: rel. error vs fp32 {float((got - ref).norm() / ref.norm()):.2e}", flush=True)
+train_model = optimize_for_training(copy.deepcopy(ref_model).requires_grad_(True), fp8=True)
+with torch.autocast("cuda", dtype=torch.bfloat16):
+    train_model(x).float().logsumexp(1).mean().backward()
+print("fp8 training step: grads finite:", all(p.grad.isfinite().all() for p in train_model.parameters()), flush=True)
+del ref_model, fast, train_model
 
 CONFIGS = [
+    dict(model="ViT-B/16", batch_size=256, compile=True, peers=["timm"], fp8=True),
     dict(model="ViT-B/16", batch_size=256, compile=True),
     dict(model="ViT-L/16", batch_size=256, compile=True, peers=["timm"], grad_checkpointing=True, modes=["train"]),
     dict(model="ViT-S/16", batch_size=256, compile=True, peers=["timm"]),
@@ -50,6 +59,8 @@ CONFIGS = [
     dict(model="ViT-B/16", batch_size=256, compile=True, peers=[], sdpa_backend="default"),
     dict(model="ViT-L/16", batch_size=256, compile=True, peers=["timm"], modes=["infer"]),
     dict(model="ViT-B/16", batch_size=8, compile=True, peers=["timm"], modes=["infer"], compile_mode="reduce-overhead"),
+    dict(model="ViT-L/16", batch_size=256, compile=True, peers=["timm"], modes=["infer"], fp8=True),
+    dict(model="ViT-S/16", batch_size=256, compile=True, peers=["timm"], fp8=True),
 ]
 tables = []
 for config in CONFIGS:
