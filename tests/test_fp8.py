@@ -65,6 +65,15 @@ def test_float8_linear_keeps_batch_dimensions_autocast_dtype_and_no_bias():
     assert _rel(y8, plain(x)) < 0.06
 
 
+def test_an_empty_batch_passes_through():
+    plain, fp8 = _linear_pair()
+    x = torch.randn(0, 5, 64, requires_grad=True)
+    y = fp8(x)
+    assert y.shape == (0, 5, 48)
+    y.sum().backward()
+    assert fp8.weight.grad is not None and not fp8.weight.grad.any()  # reached, as in nn.Linear
+
+
 def test_frozen_weights_give_the_same_inference_as_casting_every_call():
     _, fp8 = _linear_pair()
     x = torch.randn(20, 64)
@@ -146,3 +155,16 @@ def test_bench_applies_fp8_to_vitkit_only_and_names_the_lever():
     rows = benchmark_throughput(model="tiny", config=config, batch_size=2, precision="bf16", peers=["timm"], fp8=True,
                                 steps=1, repeats=1, warmup=0, matmul_tflops=1.0, device="cpu")
     assert [(r["impl"], r["levers"]) for r in rows] == [("vitkit", "fp8"), ("timm", "-")] * 2
+
+
+def test_train_with_fp8_learns_and_saves_ordinary_weights(tmp_path, capsys):
+    from test_train import make_shapes, tiny_config
+    from vitkit.pretrained import load_pretrained
+    from vitkit.train import train
+
+    shapes = make_shapes(tmp_path / "shapes", per_class=24, val_per_class=6)
+    summary = train(tiny_config(shapes, tmp_path / "run", fp8=True))
+    assert summary["best_val_acc"] >= 0.9  # chance is 1/3; the same bar as the float32 run's test
+    assert "--fp8 on cpu, which has no FP8 matrix units" in capsys.readouterr().err
+    model = load_pretrained(str(tmp_path / "run"))
+    assert not any(isinstance(m, Float8Linear) for m in model.modules())  # loads as the plain model

@@ -91,6 +91,9 @@ class Float8Linear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         device = x.device.type
         out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        if x.numel() == 0:  # an empty shard of a batch has no largest value to scale by, nor any work
+            bias = None if self.bias is None else self.bias.to(out_dtype)
+            return F.linear(x.to(out_dtype), self.weight.to(out_dtype), bias)
         rows = x.reshape(-1, x.shape[-1])
         padding = -rows.shape[0] % ALIGN
         if padding:

@@ -92,6 +92,7 @@ class TrainConfig:
     strict: bool | None = None  # fail on the first unreadable image instead of skipping it
     fsdp: bool | None = None
     grad_checkpointing: bool | None = None
+    fp8: bool | None = None  # the blocks' matmuls in FP8 (vitkit.fp8): faster on Hopper, rounds more
     progress: bool = True  # tqdm bars on the terminal
 
     def to_dict(self) -> dict[str, Any]:
@@ -123,7 +124,7 @@ def _has_type(value: Any, annotation: str) -> bool:
 # Values for fields neither the user nor the recipe set.
 _FALLBACK = dict(seed=0, grad_accum=1, min_lr=0.0, label_smoothing=0.0, mixup=0.0, cutmix=0.0, random_erasing=0.0,
                  drop_path=0.0, distill_type="hard", distill_tau=3.0, strict=False, fsdp=False,
-                 grad_checkpointing=False, augment=None)
+                 grad_checkpointing=False, fp8=False, augment=None)
 
 
 _PATH_FIELDS = ("data", "init", "distill_from")
@@ -582,6 +583,8 @@ def _train(config: TrainConfig, dist: _Dist) -> dict[str, Any]:
         _share_batch_norm(raw, device=device, main=dist.main)
     if cfg.grad_checkpointing:
         raw.set_grad_checkpointing(True)
+    if cfg.fp8:
+        _use_fp8(raw, device=device, main=dist.main)
     ema = _Ema(raw, cfg.ema) if cfg.ema else None
     if ema is not None and resume_state is not None and resume_state.get("ema") is not None:
         ema.model.load_state_dict(resume_state["ema"])
@@ -858,6 +861,21 @@ def _resume_rng(state: dict[str, Any], *, seed: int, rank: int, step: int, devic
         _restore_rng(saved[rank], device)
     else:
         torch.manual_seed(_rank_seed(seed, rank, step))
+
+
+def _use_fp8(model: nn.Module, *, device: torch.device, main: bool) -> None:
+    """The blocks' linear layers as FP8 matmuls, in place (before the EMA copy and the wrappers,
+    so the EMA and validation run in FP8 too); the saved weights are the ordinary ones."""
+    from .fp8 import convert_to_fp8
+
+    try:
+        convert_to_fp8(model)
+    except ValueError as error:
+        raise VitkitError(f"--fp8: {error}") from None
+    has_fp8_units = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+    if main and not has_fp8_units:
+        print(f"warning: --fp8 on {device}, which has no FP8 matrix units: the same rounding, but slower "
+              "than without --fp8 (it pays off on Hopper and newer GPUs)", file=sys.stderr)
 
 
 def _share_batch_norm(model: nn.Module, *, device: torch.device, main: bool) -> None:
