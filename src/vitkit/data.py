@@ -445,6 +445,16 @@ def _generator(*keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def to_device_async(t: Tensor, device: torch.device) -> Tensor:
+    """A small CPU tensor on `device` without waiting for the GPU: a plain `.to("cuda")` from
+    pageable memory synchronises the stream, so the CPU could not queue the next step while the
+    GPU runs this one. From pinned memory the copy is queued like a kernel (PyTorch's pinned-memory
+    cache keeps the buffer alive until the copy has run)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class BatchLoader:
     """Batches for one split. `len(loader)` is the number of batches per epoch (train: full
     global batches only; eval: the last one may be partial, and on some ranks empty).
@@ -464,6 +474,7 @@ class BatchLoader:
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
+        self._order: tuple[int | None, Tensor | None] = (None, None)  # (epoch, its sample order)
         if train and self.num_samples < batch_size * world_size:
             raise VitkitError(f"the training split has {self.num_samples} images, fewer than one global batch "
                               f"({batch_size} x {world_size} processes)")
@@ -478,8 +489,9 @@ class BatchLoader:
         """Sample indices of global batch `index` of `epoch`, the same on every rank."""
         size = self.batch_size * self.world_size
         if self.train:
-            order = torch.randperm(self.num_samples, generator=_generator(self.seed, epoch))
-            return order[index * size:(index + 1) * size]
+            if self._order[0] != epoch:  # one permutation per epoch, not per batch
+                self._order = (epoch, torch.randperm(self.num_samples, generator=_generator(self.seed, epoch)))
+            return self._order[1][index * size:(index + 1) * size]
         return torch.arange(index * size, min((index + 1) * size, self.num_samples))
 
     def iterate(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
@@ -510,7 +522,7 @@ class TensorLoader(BatchLoader):
         for index in range(start_batch, len(self)):
             chosen = self._global_indices(epoch, index)
             part = self._rank_slice(len(chosen))
-            local = chosen[part].to(self.device)
+            local = to_device_async(chosen[part], self.device)
             x = self.pixels[local].permute(0, 3, 1, 2).float()  # (B, 3, H, W) in [0, 255]
             if self.train and self.augment != "none":
                 g = _generator(self.seed, epoch, index, 1)
@@ -520,7 +532,7 @@ class TensorLoader(BatchLoader):
                 x = (_eval_resize(x, self.preprocessing) / 255.0 - self.mean) / self.std
                 if self.train and self.random_erasing > 0:  # augment="none" still honours an explicit erasing
                     u = torch.rand(len(chosen), 5, generator=_generator(self.seed, epoch, index, 1))[part]
-                    x = _random_erasing(x, u.to(self.device), self.random_erasing)
+                    x = _random_erasing(x, to_device_async(u, self.device), self.random_erasing)
             yield x.contiguous(), self.labels[local]
 
 
@@ -623,7 +635,7 @@ def _augment_batch(x: Tensor, *, total: int, part: slice, generator: torch.Gener
     H, W = x.shape[-2:]
 
     def draw(*shape: int) -> Tensor:  # uniform [0, 1) for the whole global batch, this rank's part
-        return torch.rand(total, *shape, generator=generator)[part].to(device)
+        return to_device_async(torch.rand(total, *shape, generator=generator)[part], device)
 
     flip = draw() < 0.5
     if max(H, W) <= _SMALL_IMAGE:
