@@ -634,8 +634,11 @@ def _augment_batch(x: Tensor, *, total: int, part: slice, generator: torch.Gener
     device = x.device
     H, W = x.shape[-2:]
 
-    def draw(*shape: int) -> Tensor:  # uniform [0, 1) for the whole global batch, this rank's part
-        return to_device_async(torch.rand(total, *shape, generator=generator)[part], device)
+    def draw_host(*shape: int) -> Tensor:  # uniform [0, 1) for the whole global batch, this rank's part
+        return torch.rand(total, *shape, generator=generator)[part]
+
+    def draw(*shape: int) -> Tensor:
+        return to_device_async(draw_host(*shape), device)
 
     flip = draw() < 0.5
     if max(H, W) <= _SMALL_IMAGE:
@@ -654,7 +657,7 @@ def _augment_batch(x: Tensor, *, total: int, part: slice, generator: torch.Gener
         x = _random_resized_crop(x, draw(4), flip, img_size)
     x = x.clamp(0, 255) / 255.0
     if augment in ("randaugment", "trivialaugment"):
-        x = _rand_augment(x, draw, wide=augment == "trivialaugment")
+        x = _rand_augment(x, draw_host, wide=augment == "trivialaugment")
     x = (x - mean) / std
     if erasing > 0:
         x = _random_erasing(x, draw(5), erasing)
@@ -728,20 +731,25 @@ def _op_magnitude(op: str, level: Tensor, wide: bool, size: tuple[int, int]) -> 
     return level * top
 
 
-def _rand_augment(x: Tensor, draw: Callable[..., Tensor], *, wide: bool) -> Tensor:
+def _rand_augment(x: Tensor, draw_host: Callable[..., Tensor], *, wide: bool) -> Tensor:
     """Per-sample RandAugment (2 ops, magnitude 9/30) or TrivialAugment (1 op, random magnitude)
-    on x (B, 3, H, W) in [0, 1]. Each op runs once on the samples that chose it."""
+    on x (B, 3, H, W) in [0, 1]. Each op runs once on the samples that chose it.
+
+    The choices are drawn and grouped on the CPU (`draw_host`), so that finding which samples
+    chose an op never waits for the GPU."""
     size = tuple(x.shape[-2:])
     for _ in range(1 if wide else 2):
-        u = draw(3)  # op choice, magnitude, sign
+        u = draw_host(3)  # op choice, magnitude, sign
         op_ids = (u[:, 0] * len(_OPS)).long().clamp(max=len(_OPS) - 1)
         level = u[:, 1] if wide else torch.full_like(u[:, 1], 9 / 30)
         sign = torch.where(u[:, 2] < 0.5, -1.0, 1.0)
+        level, sign = to_device_async(level, x.device), to_device_async(sign, x.device)
         out = x.clone()
         for k, op in enumerate(_OPS):
             chosen = (op_ids == k).nonzero().flatten()
             if op == "identity" or len(chosen) == 0:
                 continue
+            chosen = to_device_async(chosen, x.device)
             xs = x[chosen]
             m = _op_magnitude(op, level[chosen], wide, size)
             s = sign[chosen]
