@@ -11,7 +11,7 @@ from conftest import randomize
 from vitkit.bench import benchmark_throughput
 from vitkit.config import ViTConfig
 from vitkit.fast import make_adamw, optimize_for_inference, optimize_for_training
-from vitkit.fp8 import E4M3, E5M2, Float8Linear, convert_to_fp8, to_float8
+from vitkit.fp8 import E4M3, E5M2, Float8Linear, check_device, convert_to_fp8, to_float8
 from vitkit.model import VisionTransformer
 
 TINY = dict(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_dim=64, num_classes=4)
@@ -46,7 +46,7 @@ def test_float8_linear_is_the_linear_to_fp8_rounding(rows):
     x = torch.randn(rows, 64, requires_grad=True)
     x8 = x.detach().clone().requires_grad_(True)
     y, y8 = plain(x), fp8(x8)
-    assert y8.shape == y.shape and _rel(y8.detach(), y.detach()) < 0.06
+    assert y8.shape == y.shape and 0.005 < _rel(y8, y) < 0.06  # rounded, as e4m3 rounds: not float32
     grad = torch.randn_like(y)
     y.backward(grad)
     y8.backward(grad)
@@ -74,16 +74,16 @@ def test_an_empty_batch_passes_through():
     assert fp8.weight.grad is not None and not fp8.weight.grad.any()  # reached, as in nn.Linear
 
 
-def test_frozen_weights_give_the_same_inference_as_casting_every_call():
-    _, fp8 = _linear_pair()
-    x = torch.randn(20, 64)
-    with torch.no_grad():
-        every_call = fp8(x)
-        fp8.freeze_weight()
-        frozen = fp8(x)
-    assert fp8.weight_fp8.dtype == E4M3
-    torch.testing.assert_close(frozen, every_call, rtol=0, atol=0)
-    assert "weight_fp8" not in fp8.state_dict()  # derived: checkpoints keep the real weight
+def test_devices_without_fp8_matmuls_are_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    with pytest.raises(ValueError, match="compute capability 8.9 or newer.*A100 is 8.0"):
+        check_device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    check_device("cuda")
+    with pytest.raises(ValueError, match="not on mps"):
+        check_device("mps")
+    check_device("cpu")
 
 
 def test_conversion_swaps_the_blocks_linears_and_keeps_parameters_and_checkpoints():
@@ -95,6 +95,7 @@ def test_conversion_swaps_the_blocks_linears_and_keeps_parameters_and_checkpoint
     assert type(model.head) is torch.nn.Linear  # 4 classes: not a multiple of 16, and outside the blocks
     assert all(p is params[name] for name, p in model.named_parameters())  # an optimizer built before still works
     assert list(model.state_dict()) == keys
+    assert convert_to_fp8(model) == 4 * TINY["depth"]  # a second time changes nothing
     odd = VisionTransformer(ViTConfig(**{**TINY, "embed_dim": 24, "num_heads": 2, "mlp_dim": 40}))
     with pytest.raises(ValueError, match="divisible by 16"):
         convert_to_fp8(odd)
@@ -121,13 +122,13 @@ def _striped_images(n, generator):
     return images, labels
 
 
-def _train(model, fp8, steps=60):
+def _train(model, fp8, steps=40):
     generator = torch.Generator().manual_seed(1)
     run = optimize_for_training(model, fp8=fp8)
     optimizer = make_adamw(model.parameters(), lr=3e-3, weight_decay=0.0)
     losses = []
     for _ in range(steps):
-        images, labels = _striped_images(32, generator)
+        images, labels = _striped_images(16, generator)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = F.cross_entropy(run(images).float(), labels)
         loss.backward()
@@ -146,15 +147,21 @@ def test_fp8_training_learns_like_bf16():
     losses, accuracy = _train(copy.deepcopy(start), fp8=False)
     losses8, accuracy8 = _train(copy.deepcopy(start), fp8=True)
     assert accuracy > 0.95 and accuracy8 > 0.95  # chance is 0.25
-    assert sum(losses8[-10:]) < 0.1 * sum(losses8[:10])
+    assert sum(losses8[-10:]) < 0.2 * sum(losses8[:10])
     assert abs(sum(losses8[-10:]) - sum(losses[-10:])) / 10 < 0.02  # the same curve, to FP8 rounding
 
 
-def test_bench_applies_fp8_to_vitkit_only_and_names_the_lever():
+def test_bench_applies_fp8_to_vitkit_only_and_names_the_lever(monkeypatch):
+    import vitkit.fp8
+
+    converted = []
+    real = vitkit.fp8.convert_to_fp8
+    monkeypatch.setattr(vitkit.fp8, "convert_to_fp8", lambda model: converted.append(type(model).__name__) or real(model))
     config = ViTConfig(**{**TINY, "num_classes": 16})
     rows = benchmark_throughput(model="tiny", config=config, batch_size=2, precision="bf16", peers=["timm"], fp8=True,
                                 steps=1, repeats=1, warmup=0, matmul_tflops=1.0, device="cpu")
     assert [(r["impl"], r["levers"]) for r in rows] == [("vitkit", "fp8"), ("timm", "-")] * 2
+    assert converted == ["VisionTransformer"] * 2  # inference and training, never timm's model
 
 
 def test_train_with_fp8_learns_and_saves_ordinary_weights(tmp_path, capsys):
@@ -165,6 +172,6 @@ def test_train_with_fp8_learns_and_saves_ordinary_weights(tmp_path, capsys):
     shapes = make_shapes(tmp_path / "shapes", per_class=24, val_per_class=6)
     summary = train(tiny_config(shapes, tmp_path / "run", fp8=True))
     assert summary["best_val_acc"] >= 0.9  # chance is 1/3; the same bar as the float32 run's test
-    assert "--fp8 on cpu, which has no FP8 matrix units" in capsys.readouterr().err
+    assert "--fp8 on the CPU" in capsys.readouterr().err
     model = load_pretrained(str(tmp_path / "run"))
     assert not any(isinstance(m, Float8Linear) for m in model.modules())  # loads as the plain model

@@ -289,6 +289,13 @@ def benchmark_throughput(*, model: str, batch_size: int = 64, precision: str = "
 
     dev = resolve_device(device)
     dtype = PRECISIONS[precision]
+    if fp8:
+        from .fp8 import check_device
+
+        try:
+            check_device(dev)
+        except ValueError as error:
+            raise VitkitError(f"--fp8: {error}") from None
 
     from .model import VisionTransformer
 

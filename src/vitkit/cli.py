@@ -185,7 +185,7 @@ def _add_bench_throughput(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--sdpa", default="auto", help="vitkit's attention kernel: auto, default, cudnn, flash, efficient, math")
     p.add_argument("--grad-checkpointing", action="store_true", help="for every model's training step")
     p.add_argument("--fp8", action="store_true",
-                   help="vitkit's encoder matmuls in FP8 (opt-in; changes the numbers; for Hopper and newer GPUs)")
+                   help="vitkit's encoder matmuls in FP8 (opt-in; changes the numbers; GPUs of compute capability 8.9+)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     p.set_defaults(run=_run_bench_throughput)
 
@@ -359,8 +359,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--grad-checkpointing", action="store_true", default=None,
                    help="recompute activations in the backward pass: less memory, ~30%% more time")
     g.add_argument("--fp8", action="store_true", default=None,
-                   help="the encoder's matmuls in FP8 (e4m3 forward, e5m2 gradients): faster on Hopper and "
-                        "newer GPUs, slower elsewhere; weights are saved as usual")
+                   help="the encoder's matmuls in FP8 (e4m3 forward, e5m2 gradients): for GPUs of compute "
+                        "capability 8.9+ (fast from Hopper on); slow on the CPU; weights are saved as usual")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     g = p.add_argument_group("recipe knobs (default: the recipe's value)")
     g.add_argument("--lr", type=float, help="peak learning rate after warmup (AdamW)")

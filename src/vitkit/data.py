@@ -452,7 +452,8 @@ def to_device_async(t: Tensor, device: torch.device) -> Tensor:
     cache keeps the buffer alive until the copy has run)."""
     if device.type != "cuda":
         return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
+    # Contiguous first: from a strided view, the copy would go through a pageable temporary.
+    return t.contiguous().pin_memory().to(device, non_blocking=True)
 
 
 class BatchLoader:

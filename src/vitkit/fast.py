@@ -78,7 +78,7 @@ def optimize_for_inference(model: nn.Module, *, dtype: torch.dtype | None = None
                            compile_mode: str = "default", sdpa_backend: str = "auto", fp8: bool = False) -> nn.Module:
     """Put `model` in eval mode without gradients, cast its weights to `dtype` (inputs must then
     come in that dtype too), choose the attention kernel and optionally compile it; `fp8` runs
-    the blocks' linear layers in FP8 with their weights cast once.
+    the blocks' linear layers in FP8.
 
     Returns a module computing the same logits as `model` (to the rounding of `dtype`, and of FP8
     where asked); the original module is modified in place (cast, frozen), and the returned one
@@ -90,7 +90,7 @@ def optimize_for_inference(model: nn.Module, *, dtype: torch.dtype | None = None
     if fp8:
         from .fp8 import convert_to_fp8
 
-        convert_to_fp8(model, freeze_weights=True)
+        convert_to_fp8(model)
     device = next(model.parameters()).device
     return _wrap(model, device=device, sdpa_backend=sdpa_backend, compile=compile, compile_mode=compile_mode)
 

@@ -872,10 +872,9 @@ def _use_fp8(model: nn.Module, *, device: torch.device, main: bool) -> None:
         convert_to_fp8(model)
     except ValueError as error:
         raise VitkitError(f"--fp8: {error}") from None
-    has_fp8_units = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
-    if main and not has_fp8_units:
-        print(f"warning: --fp8 on {device}, which has no FP8 matrix units: the same rounding, but slower "
-              "than without --fp8 (it pays off on Hopper and newer GPUs)", file=sys.stderr)
+    if main and device.type == "cpu":
+        print("warning: --fp8 on the CPU: the same rounding as on a GPU, but slower than without --fp8 "
+              "(it pays off on Hopper and newer GPUs)", file=sys.stderr)
 
 
 def _share_batch_norm(model: nn.Module, *, device: torch.device, main: bool) -> None:
