@@ -65,6 +65,22 @@ def test_float8_linear_keeps_batch_dimensions_autocast_dtype_and_no_bias():
     assert _rel(y8, plain(x)) < 0.06
 
 
+def test_inference_scales_each_token_and_training_the_whole_tensor():
+    # A token a million times smaller than the largest flushes to zero under one scale for the
+    # whole tensor (e4m3 spans 2^-9 .. 448), not under a scale of its own.
+    plain, fp8 = _linear_pair(bias=False)
+    x = torch.randn(32, 64)
+    x[1] *= 1e-6
+    reference = plain(x)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        rowwise = fp8(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tensorwise = fp8(x)
+    assert _rel(rowwise[1], reference[1]) < 0.06
+    assert not tensorwise[1].any()
+    assert 0.005 < _rel(rowwise, reference) < 0.06
+
+
 def test_an_empty_batch_passes_through():
     plain, fp8 = _linear_pair()
     x = torch.randn(0, 5, 64, requires_grad=True)

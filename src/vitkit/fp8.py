@@ -10,7 +10,13 @@ makes those four compute y = x W^T + b as a scaled FP8 matmul:
     autocast dtype;
   * backward: the incoming gradient is cast to e5m2 (2 mantissa bits, range to 57344), because
     gradients span more orders of magnitude than activations, and both gradients (input and
-    weight) come from FP8 matmuls too.
+    weight) come from FP8 matmuls too;
+  * without gradients (inference, validation) in bf16: one scale per row instead, per token for
+    x and per output channel for W ("row-wise scaling"). Finer scales round less, and a token's
+    largest value is a reduction over the same row as the LayerNorm or GELU that produced it, so
+    compile can fuse scaling and cast into that kernel, where the per-tensor maximum needs a
+    pass of its own. Training keeps per-tensor scales, which its backward matmuls need: they
+    sum over the tokens, across which row-wise scales would vary.
 
 Everything else (patch embedding, LayerNorm, softmax, GELU, residuals, head) keeps its precision,
 and the parameters stay what they were (float32 master weights in training), so a model trains
@@ -35,11 +41,14 @@ E5M2 = torch.float8_e5m2
 ALIGN = 16
 
 
-def to_float8(t: Tensor, dtype: torch.dtype = E4M3) -> tuple[Tensor, Tensor]:
+def to_float8(t: Tensor, dtype: torch.dtype = E4M3, *, rowwise: bool = False) -> tuple[Tensor, Tensor]:
     """`t` scaled so its largest magnitude becomes the format's largest, in `dtype`, and the
-    inverse scale (float32 scalar) that turns products back into the original units."""
+    inverse scale (float32) that turns products back into the original units: a scalar, or with
+    `rowwise` one per row of a matrix, shaped (rows, 1)."""
     largest = torch.finfo(dtype).max
-    amax = t.detach().abs().amax().float().clamp(min=1e-12)  # an all-zero tensor stays zero
+    magnitude = t.detach().abs()
+    amax = magnitude.amax(dim=-1, keepdim=True) if rowwise else magnitude.amax()
+    amax = amax.float().clamp(min=1e-12)  # an all-zero tensor (or row) stays zero
     scale = largest / amax
     return (t.float() * scale).clamp(-largest, largest).to(dtype), scale.reciprocal()
 
@@ -87,7 +96,13 @@ class Float8Linear(nn.Linear):
         padding = -rows.shape[0] % ALIGN
         if padding:
             rows = F.pad(rows, (0, 0, 0, padding))  # zero rows change neither amax nor the real rows
-        y = _Float8Matmul.apply(rows, self.weight, out_dtype)
+        if out_dtype == torch.bfloat16 and not torch.is_grad_enabled():
+            # Row-wise scaling (see the module docstring); CUDA has it for bf16 outputs only.
+            x8, x_inv = to_float8(rows, rowwise=True)
+            w8, w_inv = to_float8(self.weight, rowwise=True)
+            y = torch._scaled_mm(x8, w8.t(), scale_a=x_inv, scale_b=w_inv.reshape(1, -1), out_dtype=out_dtype)
+        else:
+            y = _Float8Matmul.apply(rows, self.weight, out_dtype)
         if padding:
             y = y[: y.shape[0] - padding]
         if self.bias is not None:
