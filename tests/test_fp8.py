@@ -191,3 +191,15 @@ def test_train_with_fp8_learns_and_saves_ordinary_weights(tmp_path, capsys):
     assert "--fp8 on the CPU" in capsys.readouterr().err
     model = load_pretrained(str(tmp_path / "run"))
     assert not any(isinstance(m, Float8Linear) for m in model.modules())  # loads as the plain model
+
+
+def test_bench_cli_takes_fp8(capsys):
+    import json
+
+    from vitkit.cli import main
+
+    assert main(["bench", "throughput", "--model", "ViT-Ti/16", "--img-size", "32", "--batch-size", "1",
+                 "--precision", "bf16", "--peers", "", "--steps", "1", "--repeats", "1", "--warmup", "0",
+                 "--modes", "infer", "--device", "cpu", "--fp8", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["impl"], r["levers"]) for r in rows] == [("vitkit", "fp8")]
