@@ -847,8 +847,19 @@ def _gathered_rng(device: torch.device, dist: _Dist) -> list[dict[str, Any]] | N
         return [own]
     import torch.distributed as tdist
 
-    states = [None] * dist.world_size if dist.main else None
-    tdist.gather_object(own, states, dst=0)
+    # One tensor all_gather of the states' bytes (the same size on every rank), not the
+    # pickling gather_object: with that, gloo sometimes aborted a process at exit.
+    parts = [own["torch"]] + ([own["cuda"]] if "cuda" in own else [])
+    flat = torch.cat(parts).to(device)
+    gathered = [torch.empty_like(flat) for _ in range(dist.world_size)]
+    tdist.all_gather(gathered, flat)
+    if not dist.main:
+        return None
+    sizes = [p.numel() for p in parts]
+    states = []
+    for rank_bytes in gathered:
+        split = [part.clone() for part in rank_bytes.cpu().split(sizes)]  # own storage each, as saved
+        states.append({"torch": split[0], **({"cuda": split[1]} if len(split) > 1 else {})})
     return states
 
 
