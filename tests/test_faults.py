@@ -168,6 +168,29 @@ def test_nan_loss_stops_with_the_step_and_remedies(shapes, tmp_path, monkeypatch
     assert code == 2 and "loss became nan at step 4" in err[-1] and "--precision bf16 instead of fp16" in err[-1]
 
 
+def test_numbers_read_back_every_few_steps_are_the_same_and_still_stop_a_diverged_run(shapes, tmp_path, monkeypatch):
+    # On a GPU the loop reads the loss and accuracy back every 16 steps, not each step; here every
+    # 3, with epochs of 4 steps (72 images, 16 a step): windows closed by the count and by the epoch's end.
+    every_step = tmp_path / "every"
+    train(tiny_config(shapes, every_step, batch_size=16, epochs=2))
+    monkeypatch.setattr(train_module, "_read_back_every", lambda device: 3)
+    batched = tmp_path / "batched"
+    train(tiny_config(shapes, batched, batch_size=16, epochs=2))
+
+    def numbers(run):
+        return [{k: v for k, v in r.items() if k not in ("img_s", "elapsed_s")} for r in read_metrics(run / "metrics.jsonl")]
+
+    assert numbers(batched) == numbers(every_step)
+    assert len([r for r in numbers(batched) if r["kind"] == "step"]) == 2 * 4
+
+    _poison_loss(monkeypatch, at_call=2, value=float("inf"))
+    diverged = tmp_path / "diverged"
+    with pytest.raises(TrainingDiverged, match="loss became inf at step 2 .*no checkpoint had been written yet"):
+        train(tiny_config(shapes, diverged, batch_size=16, epochs=2))
+    assert not (diverged / "last").exists()  # found at the read-back after step 3, before any saving
+    assert read_metrics(diverged / "metrics.jsonl")[-1] == {"kind": "event", "step": 1, "event": "diverged"}
+
+
 def test_fp16_counts_and_shows_skipped_steps(shapes, tmp_path, monkeypatch):
     # 1e34 x the scaler's 65536 overflows float32 in the backward pass: the scaler must skip
     # those steps and lower its scale, not stop the run or apply infinite gradients.

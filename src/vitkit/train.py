@@ -45,7 +45,12 @@ _RESUMABLE_CHANGES = {"resume", "device", "workers", "out", "compile", "checkpoi
 
 
 class TrainingDiverged(VitkitError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss became NaN or infinite at optimiser step `step` (0-based); the last good
+    checkpoint is kept."""
+
+    def __init__(self, message: str, *, step: int) -> None:
+        super().__init__(message)
+        self.step = step
 
 
 @dataclass
@@ -667,6 +672,41 @@ def _train(config: TrainConfig, dist: _Dist) -> dict[str, Any]:
     start_time, wall_before = time.perf_counter(), float(progress.get("wall_time", 0.0))
     epoch_start, batch_start = progress["epoch"], progress["batch"]
     step = progress["step"]
+    # Reading a value back from the GPU waits for every step queued before it, and the GPU then
+    # idles while the CPU queues the next one: the loss, accuracy and NaN check of the steps are
+    # read in one go every `read_back_every` steps, always before a checkpoint and at the end of
+    # an epoch, so a diverged run never overwrites its last good checkpoint. On the CPU reading
+    # costs nothing and happens every step.
+    read_back_every = _read_back_every(device)
+    unread: list[dict[str, Any]] = []  # steps taken whose numbers are still on the device
+    window_start = start_time
+
+    def read_back() -> None:
+        nonlocal window_start
+        values = torch.stack([t for record in unread for t, _ in record["losses"]]
+                             + [t for record in unread for t in record["sums"]]).tolist()
+        now = time.perf_counter()  # after the read: every step of the window has finished
+        losses, sums_read = iter(values[:-3 * len(unread)]), iter(values[-3 * len(unread):])
+        images = sum(record["images"] for record in unread)
+        img_s = images / max(now - window_start, 1e-9)
+        progress["images"] += images
+        progress["train_time"] += now - window_start
+        window_start = now
+        for record in unread:
+            group = [(next(losses), batch) for _, batch in record["losses"]]
+            _, correct, count = next(sums_read), next(sums_read), next(sums_read)
+            for value, batch in group:
+                if not math.isfinite(value):
+                    raise TrainingDiverged(_diverged_message(value, record["step"], record["epoch"], batch, run_dir,
+                                                             precision), step=record["step"])
+            loss = sum(value / len(group) for value, _ in group)
+            acc = correct / max(count, 1.0)
+            log.write({"kind": "step", "step": record["step"] + 1, "epoch": record["epoch"],
+                       "batch": record["batch"] + 1, "loss": loss, "train_acc": acc, "lr": record["lr"],
+                       "img_s": img_s, "skipped_steps": record["skipped_steps"]})
+        skipped = progress["skipped_steps"]
+        bar.set_postfix_str(f"loss {loss:.3f} acc {acc:.3f} {img_s:.0f} img/s" + (f" skipped {skipped}" if skipped else ""))
+        unread.clear()
     try:
         for epoch in range(epoch_start, cfg.epochs):
             train_model.train()
@@ -676,7 +716,7 @@ def _train(config: TrainConfig, dist: _Dist) -> dict[str, Any]:
             # Loss, correct, count of this epoch so far (a run resumed mid-epoch brings its own).
             sums = torch.tensor(progress.get("epoch_sums", [0.0] * 3) if batch_start else [0.0] * 3,
                                 device=device, dtype=torch.float64)
-            group_loss, tick = 0.0, time.perf_counter()
+            group_losses, window_start = [], time.perf_counter()
             for batch, (images, labels) in enumerate(data.train.iterate(epoch, start_batch=batch_start),
                                                      start=batch_start):
                 group_start = (batch // cfg.grad_accum) * cfg.grad_accum
@@ -698,15 +738,13 @@ def _train(config: TrainConfig, dist: _Dist) -> dict[str, Any]:
                     with _autocast(device, precision):
                         loss, logits = compute_loss(train_model, images, targets, labels, teacher=teacher, config=cfg)
                     scaler.scale(loss / group_size).backward()
+                # torch.full, not torch.tensor: a copy from the host would wait for the GPU.
                 stats = torch.stack([loss.detach().double(), (logits.argmax(-1) == labels).sum().double(),
-                                     torch.tensor(labels.numel(), dtype=torch.float64, device=device)])
+                                     torch.full((), labels.numel(), dtype=torch.float64, device=device)])
                 stats[0] = _all_mean(stats[0:1].clone(), dist)[0]
                 stats[1:] = _all_sum(stats[1:].clone(), dist)
-                loss_value = stats[0].item()
-                if not math.isfinite(loss_value):
-                    raise TrainingDiverged(_diverged_message(loss_value, step, epoch, batch, run_dir, precision))
                 sums += torch.stack([stats[0] * stats[2], stats[1], stats[2]])
-                group_loss += loss_value / group_size
+                group_losses.append((stats[0], batch))
                 if not last_in_group:
                     continue
                 if cfg.clip_grad:
@@ -720,24 +758,20 @@ def _train(config: TrainConfig, dist: _Dist) -> dict[str, Any]:
                 optimizer.zero_grad(set_to_none=True)
                 if ema is not None:
                     ema.update(raw)
+                unread.append({"step": step, "epoch": epoch, "batch": batch, "lr": lr, "losses": group_losses,
+                               "sums": sums.clone(), "images": labels.numel() * dist.world_size * group_size,
+                               "skipped_steps": progress["skipped_steps"]})
+                group_losses = []
                 step += 1
-                now = time.perf_counter()
-                seen = int(stats[2].item()) * group_size
-                progress["images"] += seen
-                progress["train_time"] += now - tick
-                img_s = seen / max(now - tick, 1e-9)
-                tick = now
-                acc = (sums[1] / sums[2].clamp(min=1)).item()
-                log.write({"kind": "step", "step": step, "epoch": epoch, "batch": batch + 1, "loss": group_loss,
-                           "train_acc": acc, "lr": lr, "img_s": img_s, "skipped_steps": progress["skipped_steps"]})
-                group_loss = 0.0
-                bar.update(group_size)
-                bar.set_postfix_str(f"loss {loss_value:.3f} acc {acc:.3f} {img_s:.0f} img/s"
-                                    + (f" skipped {progress['skipped_steps']}" if progress["skipped_steps"] else ""))
                 progress["step"] = step
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and batch + 1 < num_batches:
+                bar.update(group_size)
+                checkpoint_now = cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and batch + 1 < num_batches
+                if checkpoint_now or len(unread) >= read_back_every or batch + 1 == num_batches:
+                    read_back()
+                if checkpoint_now:
                     progress["epoch_sums"] = sums.tolist()
                     checkpoint("last", epoch=epoch, batch=batch + 1)
+                    window_start = time.perf_counter()  # saving is not training time
             bar.close()
             batch_start = 0
             eval_model = ema.model if ema is not None else wrapped
@@ -759,8 +793,8 @@ def _train(config: TrainConfig, dist: _Dist) -> dict[str, Any]:
             checkpoint("last", epoch=epoch + 1, batch=0)
             if dist.main:
                 _plot(run_dir)
-    except TrainingDiverged:
-        log.write({"kind": "event", "step": step, "event": "diverged"})
+    except TrainingDiverged as error:
+        log.write({"kind": "event", "step": error.step, "event": "diverged"})
         raise
     finally:
         log.close()
@@ -793,6 +827,11 @@ def _bar(*, total: int, initial: int, desc: str, enabled: bool):
 
 def _clip_gradients(model: nn.Module, max_norm: float) -> None:
     torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+
+def _read_back_every(device: torch.device) -> int:
+    """Optimiser steps between reads of the training numbers from `device` (see the loop)."""
+    return 1 if device.type == "cpu" else 16
 
 
 def _diverged_message(value: float, step: int, epoch: int, batch: int, run_dir: Path, precision: str) -> str:
