@@ -5,7 +5,7 @@ Data and optimiser are the project's: `vitkit.data.build_data` decodes the 60,00
 a uint8 tensor on the GPU and crops (4 px reflect padding) and flips there; `vitkit.optim` gives
 AdamW (fused) and the warm-up + cosine schedule. The loop here is `vitkit.train`'s stripped for
 speed: bf16 autocast, torch.compile, channels-last convolutions in the stem, and the loss read back
-once an epoch instead of every step (vitkit.train syncs each step to log it and check for NaN).
+once an epoch (vitkit.train reads it every 16 steps on a GPU, to log it and check for NaN).
 Compilation happens in a warm-up on throwaway steps, after which weights and optimiser are reset,
 so the reported time is training time, as airbench reports it; the warm-up is reported beside it.
 Evaluation (optionally averaging the logits of each test image and its mirror image) is not
