@@ -136,6 +136,11 @@ def test_disk_full_keeps_the_previous_checkpoint(shapes, tmp_path, monkeypatch):
     assert train(TrainConfig(resume=str(out), epochs=1, progress=False))["steps"] == 9
 
 
+def assert_same_weights(run_a, run_b):
+    a, b = read_state_dict(run_a / "last" / WEIGHTS_FILE), read_state_dict(run_b / "last" / WEIGHTS_FILE)
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
 def _poison_loss(monkeypatch, at_call: int, value: float):
     real = train_module.compute_loss
     calls = {"n": 0}
@@ -168,32 +173,44 @@ def test_nan_loss_stops_with_the_step_and_remedies(shapes, tmp_path, monkeypatch
     assert code == 2 and "loss became nan at step 4" in err[-1] and "--precision bf16 instead of fp16" in err[-1]
 
 
-def test_numbers_read_back_every_few_steps_are_the_same_and_still_stop_a_diverged_run(shapes, tmp_path, monkeypatch):
+@pytest.mark.parametrize("changes, steps_per_epoch", [({}, 4), ({"grad_accum": 4, "batch_size": 8, "checkpoint_every": 2}, 3),
+                                                      ({"precision": "fp16"}, 4)],
+                         ids=["plain", "grad-accum-checkpoints", "fp16"])
+def test_numbers_read_back_every_few_steps_are_the_same(shapes, tmp_path, monkeypatch, changes, steps_per_epoch):
     # On a GPU the loop reads the loss and accuracy back every 16 steps, not each step; here every
-    # 3, with epochs of 4 steps (72 images, 16 a step): windows closed by the count and by the epoch's end.
+    # 3. 72 images: 4 steps of 16 an epoch, or with grad-accum 4 nine micro-batches of 8 in groups
+    # of 4, 4 and 1. Windows close by the count, at a checkpoint and at the epoch's end.
     every_step = tmp_path / "every"
-    train(tiny_config(shapes, every_step, batch_size=16, epochs=2))
+    train(tiny_config(shapes, every_step, **{"batch_size": 16, "epochs": 2, **changes}))
     monkeypatch.setattr(train_module, "_read_back_every", lambda device: 3)
     batched = tmp_path / "batched"
-    train(tiny_config(shapes, batched, batch_size=16, epochs=2))
+    train(tiny_config(shapes, batched, **{"batch_size": 16, "epochs": 2, **changes}))
 
     def numbers(run):
         return [{k: v for k, v in r.items() if k not in ("img_s", "elapsed_s")} for r in read_metrics(run / "metrics.jsonl")]
 
     assert numbers(batched) == numbers(every_step)
-    assert len([r for r in numbers(batched) if r["kind"] == "step"]) == 2 * 4
+    assert len([r for r in numbers(batched) if r["kind"] == "step"]) == 2 * steps_per_epoch
+    assert_same_weights(batched, every_step)
 
+
+def test_a_diverged_run_is_stopped_before_saving_when_numbers_are_read_every_few_steps(shapes, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_module, "_read_back_every", lambda device: 3)
     _poison_loss(monkeypatch, at_call=2, value=float("inf"))
     diverged = tmp_path / "diverged"
-    with pytest.raises(TrainingDiverged, match="loss became inf at step 2 .*no checkpoint had been written yet"):
+    with pytest.raises(TrainingDiverged, match="loss became inf at step 2 .*no checkpoint had been written yet") as error:
         train(tiny_config(shapes, diverged, batch_size=16, epochs=2))
+    assert error.value.step == 1
     assert not (diverged / "last").exists()  # found at the read-back after step 3, before any saving
     assert read_metrics(diverged / "metrics.jsonl")[-1] == {"kind": "event", "step": 1, "event": "diverged"}
 
 
-def test_fp16_counts_and_shows_skipped_steps(shapes, tmp_path, monkeypatch):
+@pytest.mark.parametrize("read_back_every", [1, 3])
+def test_fp16_counts_and_shows_skipped_steps(shapes, tmp_path, monkeypatch, read_back_every):
     # 1e34 x the scaler's 65536 overflows float32 in the backward pass: the scaler must skip
-    # those steps and lower its scale, not stop the run or apply infinite gradients.
+    # those steps and lower its scale, not stop the run or apply infinite gradients. Counted
+    # whether the loop reads its numbers back each step (CPU) or every few (GPU).
+    monkeypatch.setattr(train_module, "_read_back_every", lambda device: read_back_every)
     real = train_module.compute_loss
     calls = {"n": 0}
 

@@ -708,7 +708,9 @@ def _equalize(x: Tensor) -> Tensor:
 
 
 def _sharpen(x: Tensor, factor: Tensor) -> Tensor:
-    kernel = torch.tensor([[1.0, 1, 1], [1, 5, 1], [1, 1, 1]], device=x.device) / 13
+    kernel = torch.ones(3, 3, device=x.device)  # made on the device: a copy from the host would wait for it
+    kernel[1, 1] = 5.0
+    kernel = kernel / 13
     blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel.expand(3, 1, 3, 3), groups=3)
     return _blend(x, blurred, factor)
 

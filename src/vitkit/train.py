@@ -48,7 +48,7 @@ class TrainingDiverged(VitkitError):
     """The loss became NaN or infinite at optimiser step `step` (0-based); the last good
     checkpoint is kept."""
 
-    def __init__(self, message: str, *, step: int) -> None:
+    def __init__(self, message: str, *, step: int | None = None) -> None:
         super().__init__(message)
         self.step = step
 
@@ -683,18 +683,27 @@ def _train(config: TrainConfig, dist: _Dist) -> dict[str, Any]:
 
     def read_back() -> None:
         nonlocal window_start
-        values = torch.stack([t for record in unread for t, _ in record["losses"]]
-                             + [t for record in unread for t in record["sums"]]).tolist()
+        if not unread:
+            return
+        # One read for the window, record by record: micro-batch losses, the epoch's running sums
+        # (loss, correct, count), and under fp16 whether the scaler skipped the step.
+        pieces = []
+        for record in unread:
+            pieces += [loss for loss, _ in record["losses"]] + list(record["sums"])
+            if record["skipped"] is not None:
+                pieces.append(record["skipped"].double())
+        values = iter(torch.stack(pieces).tolist())
         now = time.perf_counter()  # after the read: every step of the window has finished
-        losses, sums_read = iter(values[:-3 * len(unread)]), iter(values[-3 * len(unread):])
         images = sum(record["images"] for record in unread)
         img_s = images / max(now - window_start, 1e-9)
         progress["images"] += images
         progress["train_time"] += now - window_start
         window_start = now
         for record in unread:
-            group = [(next(losses), batch) for _, batch in record["losses"]]
-            _, correct, count = next(sums_read), next(sums_read), next(sums_read)
+            group = [(next(values), batch) for _, batch in record["losses"]]
+            _, correct, count = next(values), next(values), next(values)
+            if record["skipped"] is not None:
+                progress["skipped_steps"] += int(next(values))
             for value, batch in group:
                 if not math.isfinite(value):
                     raise TrainingDiverged(_diverged_message(value, record["step"], record["epoch"], batch, run_dir,
@@ -703,10 +712,11 @@ def _train(config: TrainConfig, dist: _Dist) -> dict[str, Any]:
             acc = correct / max(count, 1.0)
             log.write({"kind": "step", "step": record["step"] + 1, "epoch": record["epoch"],
                        "batch": record["batch"] + 1, "loss": loss, "train_acc": acc, "lr": record["lr"],
-                       "img_s": img_s, "skipped_steps": record["skipped_steps"]})
+                       "img_s": img_s, "skipped_steps": progress["skipped_steps"]})
         skipped = progress["skipped_steps"]
         bar.set_postfix_str(f"loss {loss:.3f} acc {acc:.3f} {img_s:.0f} img/s" + (f" skipped {skipped}" if skipped else ""))
         unread.clear()
+
     try:
         for epoch in range(epoch_start, cfg.epochs):
             train_model.train()
@@ -750,17 +760,17 @@ def _train(config: TrainConfig, dist: _Dist) -> dict[str, Any]:
                 if cfg.clip_grad:
                     scaler.unscale_(optimizer)
                     _clip_gradients(wrapped, cfg.clip_grad)
-                scale_before = scaler.get_scale() if scaler.is_enabled() else None
+                # The scale as a tensor: get_scale() would read it back, waiting for the GPU.
+                scale_before = scaler._get_scale_async().clone() if scaler.is_enabled() else None
                 scaler.step(optimizer)
                 scaler.update()
-                skipped = scale_before is not None and scaler.get_scale() < scale_before
-                progress["skipped_steps"] += int(skipped)
+                skipped = None if scale_before is None else scaler._get_scale_async() < scale_before
                 optimizer.zero_grad(set_to_none=True)
                 if ema is not None:
                     ema.update(raw)
                 unread.append({"step": step, "epoch": epoch, "batch": batch, "lr": lr, "losses": group_losses,
                                "sums": sums.clone(), "images": labels.numel() * dist.world_size * group_size,
-                               "skipped_steps": progress["skipped_steps"]})
+                               "skipped": skipped})
                 group_losses = []
                 step += 1
                 progress["step"] = step
