@@ -40,15 +40,23 @@ with torch.no_grad():
         fast = optimize_for_inference(copy.deepcopy(ref_model), dtype=torch.bfloat16, sdpa_backend=backend)
         got = fast(x.bfloat16()).double()
         print(f"fast path sdpa={backend}: rel. error vs fp32 {float((got - ref).norm() / ref.norm()):.2e}", flush=True)
-    # FP8 (opt-in): the rounding it adds on this GPU, and one training step through its backward.
-    fast = optimize_for_inference(copy.deepcopy(ref_model), dtype=torch.bfloat16, fp8=True)
-    got = fast(x.bfloat16()).double()
+
+# FP8 (opt-in): the rounding it adds on this GPU, and one training step through its backward.
+# A failure here is printed and the table rows still run.
+try:
+    with torch.no_grad():
+        fast = optimize_for_inference(copy.deepcopy(ref_model), dtype=torch.bfloat16, fp8=True)
+        got = fast(x.bfloat16()).double()
     print(f"fp8 inference: rel. error vs fp32 {float((got - ref).norm() / ref.norm()):.2e}", flush=True)
-train_model = optimize_for_training(copy.deepcopy(ref_model).requires_grad_(True), fp8=True)
-with torch.autocast("cuda", dtype=torch.bfloat16):
-    train_model(x).float().logsumexp(1).mean().backward()
-print("fp8 training step: grads finite:", all(p.grad.isfinite().all() for p in train_model.parameters()), flush=True)
-del ref_model, fast, train_model
+    train_model = optimize_for_training(copy.deepcopy(ref_model).requires_grad_(True), fp8=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        train_model(x).float().logsumexp(1).mean().backward()
+    finite = all(p.grad.isfinite().all() for p in train_model.parameters() if p.grad is not None)
+    print(f"fp8 training step: gradients finite: {finite}", flush=True)
+    del train_model
+except Exception:
+    print(f"FP8 CHECK FAILED\n{traceback.format_exc()[-1500:]}", flush=True)
+del ref_model, fast
 
 CONFIGS = [
     dict(model="ViT-B/16", batch_size=256, compile=True, peers=["timm"], fp8=True),
