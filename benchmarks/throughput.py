@@ -53,9 +53,10 @@ try:
         train_model(x).float().logsumexp(1).mean().backward()
     finite = all(p.grad.isfinite().all() for p in train_model.parameters() if p.grad is not None)
     print(f"fp8 training step: gradients finite: {finite}", flush=True)
-    del train_model
 except Exception:
     print(f"FP8 CHECK FAILED\n{traceback.format_exc()[-1500:]}", flush=True)
+finally:
+    train_model = None  # free the GPU for the table rows, whatever happened
 del ref_model, fast
 
 CONFIGS = [

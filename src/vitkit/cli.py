@@ -359,8 +359,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--grad-checkpointing", action="store_true", default=None,
                    help="recompute activations in the backward pass: less memory, ~30%% more time")
     g.add_argument("--fp8", action="store_true", default=None,
-                   help="the encoder's matmuls in FP8 (e4m3 forward, e5m2 gradients): for GPUs of compute "
-                        "capability 8.9+ (fast from Hopper on); slow on the CPU; weights are saved as usual")
+                   help="the encoder's matmuls in FP8 (e4m3 forward, e5m2 gradients), for the FP8 tensor cores "
+                        "of GPUs of compute capability 8.9+; slow on the CPU; validation runs in FP8 too; "
+                        "weights are saved as usual")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     g = p.add_argument_group("recipe knobs (default: the recipe's value)")
     g.add_argument("--lr", type=float, help="peak learning rate after warmup (AdamW)")

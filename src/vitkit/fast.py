@@ -1,7 +1,7 @@
 """Speed-only machinery: the same ViT, run faster. Nothing here changes what a model computes
-beyond the rounding of the dtype it is asked to run in.
+beyond the rounding of the dtype it is asked to run in, except the opt-in FP8 matmuls.
 
-The levers, each measured in benchmarks/RESULTS.md (## Throughput):
+The levers, measured in benchmarks/RESULTS.md (## Throughput) unless said otherwise:
   * pure bf16/fp16 weights for inference (`model.to(dtype)`): no autocast casts on every call;
   * the attention kernel (`torch.nn.attention.sdpa_kernel`): cuDNN's fused attention first on
     Hopper, where PyTorch's default order tries FlashAttention-2 first;
@@ -9,9 +9,10 @@ The levers, each measured in benchmarks/RESULTS.md (## Throughput):
     neighbours; its mode picks autotuned matmuls and CUDA graphs (useful at small batches);
   * gradient checkpointing for models whose activations do not fit;
   * the fused (single-kernel) AdamW;
-  * opt-in FP8 matmuls in the encoder blocks (`fp8=True`, see fp8.py): Hopper's FP8 tensor
-    cores at twice the bf16 rate, at the price of e4m3/e5m2 rounding in those matmuls, which
-    does change the numbers (measured in tests/test_fp8.py and the benchmarks).
+  * opt-in FP8 matmuls in the encoder blocks (`fp8=True`, see fp8.py), made for FP8 tensor
+    cores (twice the bf16 rate on Hopper) at the price of e4m3/e5m2 rounding in those matmuls,
+    which does change the numbers (measured: tests/test_fp8.py, RESULTS.md); their speed is not
+    measured yet.
 """
 
 from __future__ import annotations

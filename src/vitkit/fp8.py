@@ -22,9 +22,9 @@ Everything else (patch embedding, LayerNorm, softmax, GELU, residuals, head) kee
 and the parameters stay what they were (float32 master weights in training), so a model trains
 and saves exactly as without FP8, to the rounding of the matmuls: tests/test_fp8.py measures it.
 FP8 matmuls need an NVIDIA GPU of compute capability 8.9 or newer (Ada, Hopper, Blackwell);
-the CPU runs the same arithmetic slowly, to check numbers. Compile the model: the casts and
-scale reductions are extra memory passes in eager mode that torch.compile fuses into their
-neighbours. The weights are cast on every call, not cached: for ViT-B/16 at batch 256 that is
+the CPU runs the same arithmetic slowly, to check numbers. Compile the model: in eager mode the
+casts and scale reductions are extra memory passes, which torch.compile can fuse into their
+neighbours (on a GPU, not yet measured). The weights are cast on every call, not cached: for ViT-B/16 at batch 256 that is
 under 1% of the step's memory traffic, and a cache could go stale when the weights change.
 """
 

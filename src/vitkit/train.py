@@ -97,7 +97,7 @@ class TrainConfig:
     strict: bool | None = None  # fail on the first unreadable image instead of skipping it
     fsdp: bool | None = None
     grad_checkpointing: bool | None = None
-    fp8: bool | None = None  # the blocks' matmuls in FP8 (vitkit.fp8): faster on Hopper, rounds more
+    fp8: bool | None = None  # the blocks' matmuls in FP8 (vitkit.fp8), for FP8 tensor cores; rounds more
     progress: bool = True  # tqdm bars on the terminal
 
     def to_dict(self) -> dict[str, Any]:
@@ -929,12 +929,16 @@ def _use_fp8(model: nn.Module, *, device: torch.device, main: bool) -> None:
     from .fp8 import convert_to_fp8
 
     try:
-        convert_to_fp8(model)
+        converted = convert_to_fp8(model)
     except ValueError as error:
         raise VitkitError(f"--fp8: {error}") from None
+    total = sum(isinstance(m, nn.Linear) for m in model.blocks.modules())
+    if main and converted < total:
+        print(f"warning: --fp8: {converted} of the blocks' {total} linear layers run in FP8; the others have "
+              "widths not divisible by 16", file=sys.stderr)
     if main and device.type == "cpu":
         print("warning: --fp8 on the CPU: the same rounding as on a GPU, but slower than without --fp8 "
-              "(it pays off on Hopper and newer GPUs)", file=sys.stderr)
+              "(FP8 is made for the FP8 tensor cores of GPUs)", file=sys.stderr)
 
 
 def _share_batch_norm(model: nn.Module, *, device: torch.device, main: bool) -> None:
