@@ -45,6 +45,29 @@ def test_benchmark_learns_and_reports_each_epoch(archive):
     assert result["time_to"]["0.9"] is not None and result["time_to"]["0.9"] <= result["train_s"]
 
 
+def test_benchmark_trains_with_randaugment_and_mixup(archive, monkeypatch):
+    import vitkit.time_to_accuracy as engine
+
+    mixed = []
+    real = engine.mix_batch
+    monkeypatch.setattr(engine, "mix_batch", lambda *a, **k: mixed.append(k["step"]) or real(*a, **k))
+    recipe = Recipe(model="vit_cifar_conv", epochs=4, batch_size=32, lr=3e-3, warmup_epochs=0.5, compile=False,
+                    augment="randaugment", mixup=0.8, cutmix=1.0, overrides=TINY)
+    result = run_cifar10(recipe=recipe, data=archive, device="cpu", workers=1, log=lambda line: None)
+    assert result["recipe"]["augment"] == "randaugment" and result["recipe"]["mixup"] == 0.8
+    assert mixed[-4 * 4:] == list(range(4 * 4))  # every training step mixed, keyed by its index
+    assert result["final_acc"] >= 0.8  # still learns the two colours through the stronger augmentation
+
+
+@pytest.mark.parametrize("flag, value, message", [("--mixup", "-1", "--mixup must be at least 0"),
+                                                  ("--lr", "0", "--lr must be positive"),
+                                                  ("--label-smoothing", "1", "--label-smoothing must be below 1")])
+def test_bad_recipe_values_are_one_line_errors(archive, capsys, flag, value, message):
+    assert main(["bench", "cifar10", "--data", str(archive), flag, value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
 def test_time_budget_sets_epochs_from_the_first_epoch(archive):
     recipe = Recipe(model="vit_cifar_conv", time_budget=3.0, batch_size=32, compile=False, tta=False, overrides=TINY)
     result = run_cifar10(recipe=recipe, data=archive, device="cpu", workers=1, log=lambda line: None)

@@ -219,6 +219,9 @@ def _add_bench_cifar10(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup-epochs", type=float, default=2.0)
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--drop-path", type=float, default=0.0)
+    p.add_argument("--augment", choices=("randaugment", "trivialaugment"), help="on top of crop + flip")
+    p.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0: off)")
+    p.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (0: off)")
     p.add_argument("--no-tta", action="store_true", help="no test-time flip averaging")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--seed", type=int, default=0)
@@ -247,7 +250,8 @@ def _run_bench_cifar10(args: argparse.Namespace) -> int:
             raise VitkitError(f"--set {item!r}: expected KEY=JSON, e.g. depth=4") from None
     recipe = Recipe(model=args.model, epochs=args.epochs, time_budget=args.time_budget, batch_size=args.batch_size,
                     lr=args.lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
-                    label_smoothing=args.label_smoothing, drop_path=args.drop_path, tta=not args.no_tta,
+                    label_smoothing=args.label_smoothing, drop_path=args.drop_path, augment=args.augment,
+                    mixup=args.mixup, cutmix=args.cutmix, tta=not args.no_tta,
                     compile=not args.no_compile, seed=args.seed, overrides=overrides)
     result = run_cifar10(recipe=recipe, data=args.data, engine=args.engine, device=args.device,
                          max_train=args.max_train, workers=args.workers, log=lambda line: print(line, flush=True))

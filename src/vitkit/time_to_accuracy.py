@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from .data import BatchLoader, build_data
 from .errors import VitkitError
+from .mixup import mix_batch
 from .optim import build_optimizer, lr_at, set_lr
 from .pretrained import create_model
 
@@ -50,6 +51,9 @@ class Recipe:
     warmup_epochs: float = 2.0
     label_smoothing: float = 0.1
     drop_path: float = 0.0
+    augment: str | None = None  # randaugment | trivialaugment on top of crop + flip (vitkit.data)
+    mixup: float = 0.0  # Beta(alpha, alpha) of mixup; 0 off (vitkit.mixup)
+    cutmix: float = 0.0
     tta: bool = True  # average the logits of the image and its mirror image at test time
     compile: bool = True
     seed: int = 0
@@ -92,11 +96,18 @@ def train_to_accuracy(*, data, recipe: Recipe, log=print) -> dict:
     forward = torch.compile(model) if recipe.compile else model
     steps_per_epoch = len(data.train)
 
-    def step(optimizer, x, y, lr):
+    mixing = recipe.mixup > 0 or recipe.cutmix > 0
+
+    def step(optimizer, x, y, lr, index):
         set_lr(optimizer, lr)
+        smoothing = recipe.label_smoothing
+        if mixing:  # soft targets, label smoothing inside them
+            x, y = mix_batch(x, y, num_classes=len(data.class_names), mixup_alpha=recipe.mixup,
+                             cutmix_alpha=recipe.cutmix, smoothing=smoothing, seed=recipe.seed, step=index)
+            smoothing = 0.0
         with _autocast(device):
             loss = F.cross_entropy(forward(x.contiguous(memory_format=torch.channels_last)), y,
-                                   label_smoothing=recipe.label_smoothing)
+                                   label_smoothing=smoothing)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -111,7 +122,7 @@ def train_to_accuracy(*, data, recipe: Recipe, log=print) -> dict:
         if i == warm_steps:
             _sync(device)
             t_steps = time.perf_counter()
-        step(optimizer, *next(batches), recipe.lr * 1e-3)
+        step(optimizer, *next(batches), recipe.lr * 1e-3, i)
     _sync(device)
     step_s = (time.perf_counter() - t_steps) / timed_steps
     evaluate(forward, data.val, tta=recipe.tta)
@@ -134,7 +145,7 @@ def train_to_accuracy(*, data, recipe: Recipe, log=print) -> dict:
         loss_sum = torch.zeros((), device=device)
         for x, y in data.train.iterate(epoch):
             lr = lr_at(global_step, base_lr=recipe.lr, warmup_steps=warmup, total_steps=total)
-            loss_sum += step(optimizer, x, y, lr)
+            loss_sum += step(optimizer, x, y, lr, global_step)
             global_step += 1
         _sync(device)
         train_s += time.perf_counter() - t_epoch
@@ -170,8 +181,8 @@ def train_with_library(*, archive: Path, recipe: Recipe, device: str, max_train:
                              epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr, min_lr=0.0,
                              weight_decay=recipe.weight_decay, warmup_epochs=recipe.warmup_epochs,
                              label_smoothing=recipe.label_smoothing, drop_path=recipe.drop_path,
-                             clip_grad=None, seed=recipe.seed, device=device, compile=recipe.compile,
-                             max_train=max_train, out=str(Path(out) / "run"), progress=False)
+                             augment=recipe.augment, mixup=recipe.mixup, cutmix=recipe.cutmix, clip_grad=None,
+                             seed=recipe.seed, device=device, compile=recipe.compile, max_train=max_train, out=str(Path(out) / "run"), progress=False)
         summary = train(config)
         epochs = [r for r in read_metrics(Path(out) / "run" / "metrics.jsonl") if r.get("kind") == "epoch"]
     history = [{"epoch": r["epoch"], "train_s": round(r["elapsed_s"], 2), "test_acc": round(r["val_acc"], 4),
@@ -184,6 +195,25 @@ def _summary(history: list[dict]) -> dict:
     return {"history": history, "final_acc": history[-1]["test_acc"], "train_s": history[-1]["train_s"],
             "time_to": {str(goal): next((r["train_s"] for r in history if r["test_acc"] >= goal), None)
                         for goal in GOALS}}
+
+
+def _check(recipe: Recipe) -> None:
+    """One-line errors for knob values no run can use."""
+    positive = {"--epochs": recipe.epochs, "--batch-size": recipe.batch_size, "--lr": recipe.lr}
+    at_least_zero = {"--weight-decay": recipe.weight_decay, "--warmup-epochs": recipe.warmup_epochs,
+                     "--label-smoothing": recipe.label_smoothing, "--drop-path": recipe.drop_path,
+                     "--mixup": recipe.mixup, "--cutmix": recipe.cutmix}
+    for flag, value in positive.items():
+        if not value > 0:
+            raise VitkitError(f"{flag} must be positive (got {value})")
+    for flag, value in at_least_zero.items():
+        if not value >= 0:
+            raise VitkitError(f"{flag} must be at least 0 (got {value})")
+    for flag, value in {"--label-smoothing": recipe.label_smoothing, "--drop-path": recipe.drop_path}.items():
+        if value >= 1:
+            raise VitkitError(f"{flag} must be below 1 (got {value})")
+    if recipe.augment not in (None, "randaugment", "trivialaugment"):
+        raise VitkitError(f"--augment {recipe.augment!r}: expected randaugment or trivialaugment")
 
 
 def find_archive(data: str | Path | None) -> Path:
@@ -201,6 +231,7 @@ def run_cifar10(*, recipe: Recipe, data: str | Path | None = None, engine: str =
                 device: str | None = None, max_train: int | None = None, workers: int = 0, log=print) -> dict:
     """Time to accuracy of `recipe` on CIFAR-10 (the JPEG archive `data`); returns the result
     dict (history of {epoch, train_s, test_acc, train_loss}, time_to each goal, device)."""
+    _check(recipe)
     archive = find_archive(data)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
@@ -215,7 +246,8 @@ def run_cifar10(*, recipe: Recipe, data: str | Path | None = None, engine: str =
     elif engine == "benchmark":
         t0 = time.perf_counter()
         bundle = build_data(str(archive), img_size=32, batch_size=recipe.batch_size, device=device, mean=MEAN,
-                            std=STD, seed=recipe.seed, workers=workers, max_train=max_train, strict=True)
+                            std=STD, seed=recipe.seed, workers=workers, max_train=max_train, strict=True,
+                            augment=recipe.augment)
         log(f"# data: {bundle.train.num_samples} train / {bundle.val.num_samples} test images decoded onto "
             f"{device} in {time.perf_counter() - t0:.1f}s; {name}; torch {torch.__version__}")
         result = train_to_accuracy(data=bundle, recipe=recipe, log=log)
