@@ -311,10 +311,10 @@ def _prepare_run(config: TrainConfig) -> tuple[TrainConfig, Path, dict[str, Any]
                 continue
             raise VitkitError(f"--resume {run_dir}: the run was trained with {key}={getattr(saved, key)!r}, "
                               f"not {key}={value!r}; start a new run (--out) to change it")
-        for key in ("epochs", "device", "workers", "compile", "checkpoint_every", "progress", "fsdp"):
-            if getattr(config, key) is not None and key != "compile":
+        for key in _RESUMABLE_CHANGES - {"resume", "out", "compile"}:
+            if getattr(config, key) is not None:
                 setattr(saved, key, getattr(config, key))
-        saved.compile = saved.compile or config.compile
+        saved.compile = saved.compile or config.compile  # a flag: leaving it out does not turn it off
         saved.resume = str(run_dir)
         recover(run_dir)
         if not (run_dir / "last").exists():
