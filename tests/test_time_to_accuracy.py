@@ -59,9 +59,9 @@ def test_benchmark_trains_with_randaugment_and_mixup(archive, monkeypatch):
     assert result["final_acc"] >= 0.8  # still learns the two colours through the stronger augmentation
 
 
-@pytest.mark.parametrize("flag, value, message", [("--mixup", "-1", "--mixup must be at least 0"),
-                                                  ("--lr", "0", "--lr must be positive"),
-                                                  ("--label-smoothing", "1", "--label-smoothing must be below 1")])
+@pytest.mark.parametrize("flag, value, message", [("--mixup", "-1", "--mixup must lie in [0, inf) (got -1.0)"),
+                                                  ("--lr", "0", "--lr must be positive (got 0.0)"),
+                                                  ("--label-smoothing", "1", "--label-smoothing must lie in [0, 1) (got 1.0)")])
 def test_bad_recipe_values_are_one_line_errors(archive, capsys, flag, value, message):
     assert main(["bench", "cifar10", "--data", str(archive), flag, value]) == 2
     err = capsys.readouterr().err.strip()

@@ -22,6 +22,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -174,15 +175,11 @@ def train_to_accuracy(*, data, recipe: Recipe, log=print) -> dict:
 def train_with_library(*, archive: Path, recipe: Recipe, device: str, max_train: int | None) -> dict:
     """The same recipe through `vitkit.train.train` (checkpoints, metrics, per-step logging, no
     TTA, compile time inside epoch 1), for comparison with the stripped loop above."""
-    from .train import TrainConfig, read_metrics, train
+    from .train import read_metrics, train
 
     with tempfile.TemporaryDirectory() as out:
-        config = TrainConfig(model=recipe.model, model_overrides=recipe.overrides or None, data=str(archive),
-                             epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr, min_lr=0.0,
-                             weight_decay=recipe.weight_decay, warmup_epochs=recipe.warmup_epochs,
-                             label_smoothing=recipe.label_smoothing, drop_path=recipe.drop_path,
-                             augment=recipe.augment, mixup=recipe.mixup, cutmix=recipe.cutmix, clip_grad=None,
-                             seed=recipe.seed, device=device, compile=recipe.compile, max_train=max_train, out=str(Path(out) / "run"), progress=False)
+        config = _train_config(recipe, data=str(archive), device=device, max_train=max_train,
+                               out=str(Path(out) / "run"), progress=False)
         summary = train(config)
         epochs = [r for r in read_metrics(Path(out) / "run" / "metrics.jsonl") if r.get("kind") == "epoch"]
     history = [{"epoch": r["epoch"], "train_s": round(r["elapsed_s"], 2), "test_acc": round(r["val_acc"], 4),
@@ -197,21 +194,23 @@ def _summary(history: list[dict]) -> dict:
                         for goal in GOALS}}
 
 
+def _train_config(recipe: Recipe, **run: Any):
+    """The recipe as a vitkit.train.TrainConfig: what the library engine runs, and what the knob
+    values are checked as (`_check`)."""
+    from .train import TrainConfig
+
+    return TrainConfig(model=recipe.model, model_overrides=recipe.overrides or None, epochs=recipe.epochs,
+                       batch_size=recipe.batch_size, lr=recipe.lr, min_lr=0.0, weight_decay=recipe.weight_decay,
+                       warmup_epochs=recipe.warmup_epochs, label_smoothing=recipe.label_smoothing,
+                       drop_path=recipe.drop_path, augment=recipe.augment, mixup=recipe.mixup, cutmix=recipe.cutmix,
+                       clip_grad=None, seed=recipe.seed, compile=recipe.compile, **run)
+
+
 def _check(recipe: Recipe) -> None:
-    """One-line errors for knob values no run can use."""
-    positive = {"--epochs": recipe.epochs, "--batch-size": recipe.batch_size, "--lr": recipe.lr}
-    at_least_zero = {"--weight-decay": recipe.weight_decay, "--warmup-epochs": recipe.warmup_epochs,
-                     "--label-smoothing": recipe.label_smoothing, "--drop-path": recipe.drop_path,
-                     "--mixup": recipe.mixup, "--cutmix": recipe.cutmix}
-    for flag, value in positive.items():
-        if not value > 0:
-            raise VitkitError(f"{flag} must be positive (got {value})")
-    for flag, value in at_least_zero.items():
-        if not value >= 0:
-            raise VitkitError(f"{flag} must be at least 0 (got {value})")
-    for flag, value in {"--label-smoothing": recipe.label_smoothing, "--drop-path": recipe.drop_path}.items():
-        if value >= 1:
-            raise VitkitError(f"{flag} must be below 1 (got {value})")
+    """One-line errors for knob values no run can use: vitkit.train's own range checks."""
+    from .train import resolve_config
+
+    resolve_config(_train_config(recipe))
     if recipe.augment not in (None, "randaugment", "trivialaugment"):
         raise VitkitError(f"--augment {recipe.augment!r}: expected randaugment or trivialaugment")
 
