@@ -54,11 +54,27 @@ def test_group_norm_stem_is_batch_independent():
     ({"strides": [2, 2]}, "downsample by 4"),
     ({"strides": [1, 3]}, "strides"),
     ({"norm": "layer"}, "norm"),
+    ({"downsample": "avgpool"}, "downsample"),
     ({"kernel": 5}, "unknown keys"),
 ])
 def test_bad_stem_specs_name_the_key(stem, message):
     with pytest.raises(ValueError, match=message):
         create_model(conv_config(**stem))
+
+
+def test_maxpool_downsampling_pools_the_full_resolution_conv_and_keeps_the_weights():
+    strided = build_conv_stem(conv_config()).eval()
+    pooled = build_conv_stem(conv_config(downsample="maxpool")).eval()
+    # No parameters added or renamed: a checkpoint of either loads into the other.
+    pooled.load_state_dict(randomize(strided).state_dict())
+    layer = pooled.stem[1]  # the stride-2 layer
+    assert layer.conv.stride == (1, 1)
+    x = torch.randn(2, 3, 16, 16)
+    hidden = pooled.stem[0](x)
+    expected = layer.act(layer.norm(F.max_pool2d(layer.conv(hidden), 2)))
+    torch.testing.assert_close(layer(hidden), expected)
+    assert pooled(x).shape == strided(x).shape == (2, 16, 32)
+    assert not torch.allclose(pooled(x), strided(x))
 
 
 def test_image_not_divisible_by_stem_stride_is_refused():

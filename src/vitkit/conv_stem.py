@@ -8,13 +8,18 @@ projection give the model the locality prior a plain ViT lacks, and it learns fa
 
 The stem is selected by `ViTConfig.hybrid_stem`:
 
-    {"type": "conv", "stride": 4, "channels": [64, 128, 256], "strides": [1, 2, 2], "norm": "batch"}
+    {"type": "conv", "stride": 4, "channels": [64, 128, 256], "strides": [1, 2, 2], "norm": "batch",
+     "downsample": "maxpool"}
 
   channels  output channels of each 3x3 conv + norm + GELU layer
   strides   each layer's stride (1 or 2); their product must equal `stride`. Left out, the last
             log2(stride) layers downsample, so the first layers see full resolution
   stride    the stem's total downsampling; `ViTConfig.stem_stride` = patch_size * stride
   norm      "batch" (fastest, the default) or "group" (batch-size independent, 8 groups)
+  downsample  how a stride-2 layer halves the map: "stride" (the default: the conv itself strides)
+            or "maxpool" (the conv runs at full resolution, then a 2x2 max-pool, as in airbench's
+            CIFAR-10 nets: 4x the conv's FLOPs, and on small data it learns far more per epoch;
+            configs/cifar.md). Neither adds parameters, so the weights are the same either way.
 
 Then `proj`, a P x P convolution with stride P (the paper's patch projection, Eq. 1), maps the
 feature map to width D, exactly as `PatchEmbed` does for pixels.
@@ -30,12 +35,13 @@ from torch import Tensor, nn
 from .config import ViTConfig
 from .variants import register_model
 
-_KEYS = {"type", "stride", "channels", "strides", "norm"}
+_KEYS = {"type", "stride", "channels", "strides", "norm", "downsample"}
 _NORMS = ("batch", "group")
+_DOWNSAMPLES = ("stride", "maxpool")
 
 
-def _spec(config: ViTConfig) -> tuple[list[int], list[int], str]:
-    """Validate `config.hybrid_stem`; return (channels, strides, norm). Errors name the key."""
+def _spec(config: ViTConfig) -> tuple[list[int], list[int], str, str]:
+    """Validate `config.hybrid_stem`; return (channels, strides, norm, downsample). Errors name the key."""
     spec: dict[str, Any] = dict(config.hybrid_stem or {})
     unknown = sorted(set(spec) - _KEYS)
     if unknown:
@@ -64,20 +70,25 @@ def _spec(config: ViTConfig) -> tuple[list[int], list[int], str]:
     norm = spec.get("norm", "batch")
     if norm not in _NORMS:
         raise ValueError(f"ViTConfig.hybrid_stem['norm']: must be one of {_NORMS} (got {norm!r})")
-    return list(channels), list(strides), norm
+    downsample = spec.get("downsample", "stride")
+    if downsample not in _DOWNSAMPLES:
+        raise ValueError(f"ViTConfig.hybrid_stem['downsample']: must be one of {_DOWNSAMPLES} (got {downsample!r})")
+    return list(channels), list(strides), norm, downsample
 
 
 class ConvLayer(nn.Module):
-    """3x3 conv (no bias: the norm's shift replaces it) -> BatchNorm or GroupNorm -> GELU."""
+    """3x3 conv (no bias: the norm's shift replaces it) [-> 2x2 max-pool] -> BatchNorm or GroupNorm -> GELU."""
 
-    def __init__(self, in_chans: int, out_chans: int, *, stride: int, norm: str) -> None:
+    def __init__(self, in_chans: int, out_chans: int, *, stride: int, norm: str, downsample: str = "stride") -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_chans, out_chans, kernel_size=3, stride=stride, padding=1, bias=False)
+        pool = stride == 2 and downsample == "maxpool"
+        self.conv = nn.Conv2d(in_chans, out_chans, kernel_size=3, stride=1 if pool else stride, padding=1, bias=False)
+        self.pool = nn.MaxPool2d(2) if pool else nn.Identity()
         self.norm = nn.BatchNorm2d(out_chans) if norm == "batch" else nn.GroupNorm(math.gcd(8, out_chans), out_chans)
         self.act = nn.GELU()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.act(self.norm(self.conv(x)))
+        return self.act(self.norm(self.pool(self.conv(x))))
 
 
 class ConvStem(nn.Module):
@@ -85,11 +96,11 @@ class ConvStem(nn.Module):
 
     def __init__(self, config: ViTConfig) -> None:
         super().__init__()
-        channels, strides, norm = _spec(config)
+        channels, strides, norm, downsample = _spec(config)
         self.stride = math.prod(strides)
         self.patch_size = config.patch_size
         widths = [config.in_chans] + channels
-        self.stem = nn.Sequential(*(ConvLayer(widths[i], widths[i + 1], stride=s, norm=norm)
+        self.stem = nn.Sequential(*(ConvLayer(widths[i], widths[i + 1], stride=s, norm=norm, downsample=downsample)
                                     for i, s in enumerate(strides)))
         self.proj = nn.Conv2d(channels[-1], config.embed_dim, kernel_size=config.patch_size, stride=config.patch_size)
 
