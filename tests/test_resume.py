@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import vitkit.train as train_module
+from vitkit.checkpoint import restore_rng, rng_state
 from vitkit.errors import VitkitError
 from vitkit.pretrained import WEIGHTS_FILE
 from vitkit.train import TrainConfig, read_metrics, train
@@ -179,7 +180,7 @@ def test_a_checkpoint_without_per_rank_streams_still_resumes_every_rank():
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(123)
-        old = {"rng": train_module._rng_state(cpu), "progress": {}}
+        old = {"rng": rng_state(cpu), "progress": {}}
         expected = torch.rand(8)
         assert torch.equal(draws_after_resume(old, 0), expected)
         rank1 = draws_after_resume(old, 1)
@@ -187,3 +188,16 @@ def test_a_checkpoint_without_per_rank_streams_still_resumes_every_rank():
         assert torch.equal(draws_after_resume(old, 1), rank1)
         assert not torch.equal(draws_after_resume(old, 2), rank1)
         assert not torch.equal(draws_after_resume(old, 1, step=8), rank1)
+
+
+def test_rng_states_of_mae_checkpoints_from_before_the_shared_format_still_restore():
+    # MAE pre-training once saved {"cpu": ..., "cuda": None}; train saves {"torch": ...}.
+    cpu = torch.device("cpu")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        saved = rng_state(cpu)
+        expected = torch.rand(8)
+        for state in (saved, {"cpu": saved["torch"], "cuda": None}):
+            torch.manual_seed(99)
+            restore_rng(state, cpu)
+            assert torch.equal(torch.rand(8), expected)

@@ -108,6 +108,22 @@ def _write_failure(error: BaseException) -> str:
     return text.strip().splitlines()[0][:200] if text.strip() else type(error).__name__
 
 
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """The global RNG streams a resumed run must continue: the CPU's, and `device`'s if a GPU."""
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state: dict[str, Any], device: torch.device) -> None:
+    """Set the streams `rng_state` saved. MAE checkpoints written before it shared this pair
+    call the CPU's stream "cpu" and may hold "cuda": None."""
+    torch.set_rng_state(state["torch"] if "torch" in state else state["cpu"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 def load_train_state(run_dir: str | Path) -> dict[str, Any]:
     """Read RUN/last/train_state.pt safely (weights_only); CheckpointError names what is wrong."""
     run_dir = Path(run_dir)

@@ -240,7 +240,7 @@ def pretrain_mae(*, model: str | ViTConfig | VisionTransformer | None = None, ou
     the first, every tenth of the run and the last epoch), metrics.jsonl (one line per epoch) and
     summary.json.
     """
-    from .checkpoint import save_checkpoint
+    from .checkpoint import restore_rng, rng_state, save_checkpoint
     from .data import build_data
     from .infer import resolve_device
     from .optim import build_optimizer, lr_at, set_lr
@@ -308,9 +308,7 @@ def pretrain_mae(*, model: str | ViTConfig | VisionTransformer | None = None, ou
         optimizer.load_state_dict(state["optimizer"])
         first_epoch, step = state["progress"]["epoch"], state["progress"]["step"]
         earlier_time = float(state["progress"].get("wall_time_s", 0.0))
-        torch.set_rng_state(state["rng"]["cpu"])
-        if dev.type == "cuda" and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], dev)
+        restore_rng(state["rng"], dev)
         _keep_epochs(run_dir / "metrics.jsonl", first_epoch)
     val_images = _spread_batches(bundle.val, max_val_batches)
     result = PretrainResult(run_dir=run_dir, encoder=encoder)
@@ -338,9 +336,8 @@ def pretrain_mae(*, model: str | ViTConfig | VisionTransformer | None = None, ou
                   "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - started, 2)}
         with open(run_dir / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
-        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None}
         progress = {"epoch": epoch + 1, "step": step, "wall_time_s": earlier_time + time.perf_counter() - run_started}
-        train_state = {"progress": progress, "method": "mae", "rng": rng,
+        train_state = {"progress": progress, "method": "mae", "rng": rng_state(dev),
                        "decoder": {k: v.detach().cpu() for k, v in mae.state_dict().items() if not k.startswith("encoder.")},
                        "optimizer": optimizer.state_dict()}
         save_checkpoint(run_dir, tag="last", model=encoder, train_state=train_state)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import load_train_state, recover, save_checkpoint
+from .checkpoint import load_train_state, recover, restore_rng, rng_state, save_checkpoint
 from .errors import CheckpointError, VitkitError
 from .mixup import mix_batch
 from .model import VisionTransformer
@@ -867,19 +867,6 @@ def _plot(run_dir: Path) -> None:
         print(f"vitkit train: no plots ({error})", file=sys.stderr)
 
 
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _restore_rng(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
 def _rank_seed(seed: int, rank: int, step: int = 0) -> int:
     """The global RNG's seed for `rank` (> 0) of a run, or for a rank that resumes at `step`
     without a saved stream of its own."""
@@ -891,7 +878,7 @@ def _rank_seed(seed: int, rank: int, step: int = 0) -> int:
 
 def _gathered_rng(device: torch.device, dist: _Dist) -> list[dict[str, Any]] | None:
     """Every rank's RNG state, indexed by rank, on rank 0 (None on the others)."""
-    own = _rng_state(device)
+    own = rng_state(device)
     if dist.world_size == 1:
         return [own]
     import torch.distributed as tdist
@@ -918,7 +905,7 @@ def _resume_rng(state: dict[str, Any], *, seed: int, rank: int, step: int, devic
     (seed, rank, step): taking rank 0's would give it rank 0's masks."""
     saved = state.get("rng_ranks") or [state["rng"]]
     if rank < len(saved):
-        _restore_rng(saved[rank], device)
+        restore_rng(saved[rank], device)
     else:
         torch.manual_seed(_rank_seed(seed, rank, step))
 
