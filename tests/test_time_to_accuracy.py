@@ -69,7 +69,7 @@ def test_bad_recipe_values_are_one_line_errors(archive, capsys, flag, value, mes
 
 
 def test_time_budget_sets_epochs_from_the_first_epoch(archive):
-    recipe = Recipe(model="vit_cifar_conv", time_budget=3.0, batch_size=32, compile=False, tta=False, overrides=TINY)
+    recipe = Recipe(model="vit_cifar_conv", time_budget=3.0, batch_size=32, compile=False, tta="none", overrides=TINY)
     result = run_cifar10(recipe=recipe, data=archive, device="cpu", workers=1, log=lambda line: None)
     first = result["history"][0]["train_s"]
     assert len(result["history"]) == result["epochs"]
@@ -80,7 +80,7 @@ def test_time_budget_sets_epochs_from_the_first_epoch(archive):
 def test_cli_writes_json_and_rejects_bad_input(archive, tmp_path, capsys):
     out = tmp_path / "r.jsonl"
     code = main(["bench", "cifar10", "--data", str(archive), "--epochs", "1", "--batch-size", "32", "--no-compile",
-                 "--device", "cpu", "--workers", "1", "--no-tta", "--json", str(out),
+                 "--device", "cpu", "--workers", "1", "--tta", "none", "--json", str(out),
                  *[arg for key, value in TINY.items() for arg in ("--set", f"{key}={json.dumps(value)}")]])
     assert code == 0
     row = json.loads(out.read_text())
@@ -114,3 +114,28 @@ def test_library_engine_refuses_a_time_budget_and_unreached_goals_read_plainly(a
     run_cifar10(recipe=Recipe(model="vit_cifar", epochs=1, batch_size=64), data=archive, device="cpu",
                 log=lines.append)
     assert "time to 90%: not reached" in lines[-1] and "None" not in lines[-1]
+
+
+def test_translate_tta_averages_mirrored_and_shifted_views():
+    import torch
+
+    from vitkit.time_to_accuracy import _shift, _tta_logits
+
+    x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).reshape(2, 3, 6, 6)
+    torch.testing.assert_close(_shift(x, 1)[..., 1:, 1:], x[..., :-1, :-1])  # down and right
+    torch.testing.assert_close(_shift(x, -1)[..., :-1, :-1], x[..., 1:, 1:])
+    torch.testing.assert_close(_shift(x, 1)[..., 0, 1:], x[..., 1, :-1])  # the edge reflected
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(5))
+    model(x)
+    views = [x, x.flip(3)]
+    expected = sum(model(v) for v in views) + 0.5 * sum(model(_shift(v, s)) for v in views for s in (-1, 1))
+    torch.testing.assert_close(_tta_logits(model, x, "translate"), expected)
+    torch.testing.assert_close(_tta_logits(model, x, "flip"), model(x) + model(x.flip(3)))
+    torch.testing.assert_close(_tta_logits(model, x, "none"), model(x))
+
+
+def test_unknown_tta_is_refused_before_any_work(archive):
+    from vitkit.errors import VitkitError
+
+    with pytest.raises(VitkitError, match="--tta 'mirror'"):
+        run_cifar10(recipe=Recipe(tta="mirror", compile=False, overrides=TINY), data=archive, device="cpu")

@@ -222,7 +222,9 @@ def _add_bench_cifar10(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--augment", choices=("randaugment", "trivialaugment"), help="on top of crop + flip")
     p.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0: off)")
     p.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (0: off)")
-    p.add_argument("--no-tta", action="store_true", help="no test-time flip averaging")
+    p.add_argument("--tta", choices=("none", "flip", "translate"), default="translate",
+                   help="test-time views averaged: the image, + its mirror (flip), + both moved 1 px (translate; "
+                        "the default)")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
@@ -251,7 +253,7 @@ def _run_bench_cifar10(args: argparse.Namespace) -> int:
     recipe = Recipe(model=args.model, epochs=args.epochs, time_budget=args.time_budget, batch_size=args.batch_size,
                     lr=args.lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
                     label_smoothing=args.label_smoothing, drop_path=args.drop_path, augment=args.augment,
-                    mixup=args.mixup, cutmix=args.cutmix, tta=not args.no_tta,
+                    mixup=args.mixup, cutmix=args.cutmix, tta=args.tta,
                     compile=not args.no_compile, seed=args.seed, overrides=overrides)
     result = run_cifar10(recipe=recipe, data=args.data, engine=args.engine, device=args.device,
                          max_train=args.max_train, workers=args.workers, log=lambda line: print(line, flush=True))
