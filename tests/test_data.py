@@ -284,3 +284,108 @@ def test_eval_follows_an_exact_resize_on_images_of_mixed_sizes(tmp_path):
     images = torch.cat([x for x, _ in loader.iterate(0)])
     expected = torch.stack([preprocess(read_image(p), pre) for p in paths])
     torch.testing.assert_close(images, expected, atol=0.02, rtol=0)
+
+
+# ---------------------------------------------------------------------------- folders as users leave them
+def test_hidden_folders_other_files_and_empty_class_folders_are_not_data(folder, tmp_path):
+    for split in ("train", "val"):
+        (folder / split / ".ipynb_checkpoints").mkdir()
+        _image(0, 0).save(folder / split / ".ipynb_checkpoints" / "x.png")
+        (folder / split / "cat" / "README.txt").write_text("where these came from")
+        (folder / split / "cat" / ".hidden").mkdir()
+        _image(0, 1).save(folder / split / "cat" / ".hidden" / "y.png")
+    (folder / "train" / "zebra").mkdir()  # no images: not a class, as in an archive of the folder
+    zpath = tmp_path / "ds.zip"
+    with zipfile.ZipFile(zpath, "w") as archive:
+        for f in sorted(folder.rglob("*")):
+            if f.is_file():
+                archive.write(f, f.relative_to(folder).as_posix())
+                archive.writestr("__MACOSX/" + f.relative_to(folder).parent.as_posix() + "/._" + f.name, b"\0\5\26\7")
+    for source in (folder, zpath):
+        bundle = build_data(str(source), img_size=16, batch_size=4)
+        assert bundle.class_names == CLASSES and bundle.skipped == []
+        assert (bundle.train.num_samples, bundle.val.num_samples) == (24, 12)
+
+
+def test_a_folder_named_like_a_builtin_dataset_is_the_folder(folder, monkeypatch):
+    shutil.copytree(folder, folder.parent / "cifar10")
+    monkeypatch.chdir(folder.parent)
+    bundle = build_data("cifar10", img_size=16, batch_size=4)  # never a download
+    assert bundle.class_names == CLASSES
+
+
+def test_large_photos_are_cut_to_the_storage_size_as_they_are_decoded(tmp_path, monkeypatch):
+    import vitkit.data as data
+
+    root = tmp_path / "photos"
+    for split in ("train", "val"):
+        for label, name in enumerate(CLASSES[:2]):
+            (root / split / name).mkdir(parents=True)
+            for i, size in enumerate([(300, 200), (200, 260), (320, 240)]):
+                _image(label, i, size=size).save(root / split / name / f"{i}.jpg")
+    import weakref
+
+    alive, most = [], []
+    decode = data.decode_image
+
+    def decode_and_count(raw, *, name):
+        image = decode(raw, name=name)
+        alive.append(weakref.ref(image))
+        most.append(sum(r() is not None for r in alive))  # full-size decoded photos held at this moment
+        return image
+
+    monkeypatch.setattr(data, "decode_image", decode_and_count)
+    bundle = build_data(str(root), img_size=32, batch_size=2, workers=1)
+    assert tuple(bundle.train.pixels.shape[1:3]) == (32, 32)
+    assert bundle.train.num_samples == 6 and bundle.val.num_samples == 6
+    assert len(most) == 12 and max(most) <= 2  # not all six of a split at once
+
+
+def test_damaged_archives_and_links_in_them(folder, tmp_path):
+    tar_path = tmp_path / "ds.tar"
+    with tarfile.open(tar_path, "w") as archive:
+        archive.add(folder, arcname="")
+        for name, kind in (("hard.png", tarfile.LNKTYPE), ("soft.png", tarfile.SYMTYPE)):
+            info = tarfile.TarInfo(f"train/cat/{name}")
+            info.type, info.linkname = kind, ("train/cat/000.png" if kind == tarfile.LNKTYPE else "000.png")
+            archive.addfile(info)
+    bundle = build_data(str(tar_path), img_size=16, batch_size=4)
+    assert bundle.train.num_samples == 26  # the two links read as their target
+    raw = bytearray(tar_path.read_bytes())
+    offsets = [m.offset for m in tarfile.open(tar_path)]
+    raw[offsets[-5] + 148:offsets[-5] + 156] = b"99999999"  # a member header's checksum
+    (tmp_path / "damaged.tar").write_bytes(bytes(raw))
+    with pytest.raises(VitkitError, match="damaged.tar: not a readable archive.*damaged member header"):
+        build_data(str(tmp_path / "damaged.tar"), img_size=16, batch_size=4)
+    zpath = tmp_path / "ds.zip"
+    with zipfile.ZipFile(zpath, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for f in sorted(folder.rglob("*.png")):
+            archive.write(f, f.relative_to(folder).as_posix())
+    raw = bytearray(zpath.read_bytes())
+    with zipfile.ZipFile(zpath) as archive:
+        info = archive.infolist()[0]
+        start = info.header_offset + 30 + len(info.filename) + len(info.extra)
+    raw[start:start + 8] = b"\xff" * 8  # the deflate stream of the first member
+    (tmp_path / "bad-deflate.zip").write_bytes(bytes(raw))
+    with pytest.raises(VitkitError, match="bad-deflate.zip: not a readable archive"):
+        build_data(str(tmp_path / "bad-deflate.zip"), img_size=16, batch_size=4)
+    (tmp_path / "zero.tar.gz").write_bytes(b"")
+    with pytest.raises(VitkitError) as error:
+        build_data(str(tmp_path / "zero.tar.gz"), img_size=16, batch_size=4)
+    assert "\n" not in str(error.value)
+
+
+def test_tiny_images_train_and_bad_arguments_are_one_line_errors(tmp_path, folder):
+    root = tmp_path / "tiny"
+    for split in ("train", "val"):
+        for label, name in enumerate(CLASSES):
+            (root / split / name).mkdir(parents=True)
+            for i in range(4):
+                _image(label, i, size=(3, 3)).save(root / split / name / f"{i}.png")
+    bundle = build_data(str(root), img_size=3, batch_size=4)
+    x, _ = next(bundle.train.iterate(0))
+    assert x.shape == (4, 3, 3, 3)
+    with pytest.raises(VitkitError, match="--data '': an empty path"):
+        build_data("", img_size=16, batch_size=4)
+    with pytest.raises(VitkitError, match="--workers -1"):
+        build_eval_loader(str(folder), preprocessing=Preprocessing.for_size((16, 16)), batch_size=4, workers=-1)

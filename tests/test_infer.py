@@ -149,3 +149,21 @@ def test_cli_eval_on_a_val_folder_with_some_of_the_classes(dataset, colour_model
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["n"] == sum(1 for _ in part.rglob("*.png")) and result["top1"] > 0.9
     assert result["per_class"]["b_green"] is None
+
+
+def test_predict_globs_expand_folders_and_an_empty_path_is_refused(dataset, colour_model, capsys):
+    pattern = str(dataset / "val" / "*")  # matches the class folders
+    assert main(["predict", str(colour_model), pattern, "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert len(lines) == 18 and all("predictions" in line for line in lines)
+    assert main(["predict", str(colour_model), "", "--json"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "an empty image path" in captured.err
+
+
+def test_a_run_directory_without_checkpoints_says_so(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"model": "vit_cifar", "epochs": 3}))
+    assert main(["eval", str(run)]) == 2
+    assert "a training run with no checkpoint yet" in capsys.readouterr().err

@@ -26,6 +26,7 @@ import pickle
 import tarfile
 import warnings
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -75,12 +76,15 @@ def _open_source(data: str | None, split: str, *, need_train: bool = True) -> tu
     if data is None:
         return _open_sample(split)
     text = str(data)
+    if not text.strip():
+        raise VitkitError("--data '': an empty path (an unset variable?); leave --data out for the built-in sample")
     lowered = text.lower()
+    path = Path(text)
     for kind in ("cifar10", "cifar100"):
-        if lowered == kind or lowered.startswith(kind + ":"):
+        # A folder or archive of that name in the working directory is what the user means.
+        if (lowered == kind or lowered.startswith(kind + ":")) and not path.exists():
             root = text.split(":", 1)[1] if ":" in text else None
             return _open_cifar(kind, root, split)
-    path = Path(text)
     if path.is_dir():
         return _open_folder(path, split, need_train=need_train)
     if path.is_file() and lowered.endswith(_ARCHIVE_SUFFIXES):
@@ -112,6 +116,15 @@ def _labelled(entries: list[tuple[str, str]], where: str, split: str,
     return [item for _, item in entries], np.array([index[c] for c, _ in entries], dtype=np.int64), classes
 
 
+def _folder_entries(split_dir: Path) -> list[tuple[str, str]]:
+    """(class, file) for every image file below split_dir/<class>/, as an archive lists them:
+    hidden files and folders (.ipynb_checkpoints, .DS_Store) and other files (README.txt) are
+    not part of the data set, and a class is a folder that holds images."""
+    return [(d.name, str(f)) for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith(".")
+            for f in d.rglob("*") if _is_image_name(f.name) and f.is_file()
+            and not any(part.startswith(".") for part in f.relative_to(d).parts)]
+
+
 def _open_folder(root: Path, split: str, *, need_train: bool = True) -> tuple[_Split, list[str]]:
     folders = {p.name: p for p in root.iterdir() if p.is_dir()}
     train = folders.get("train")
@@ -119,9 +132,8 @@ def _open_folder(root: Path, split: str, *, need_train: bool = True) -> tuple[_S
     if chosen is None or (train is None and need_train):
         raise VitkitError(f"{root}: an ImageFolder dataset needs {_wanted(split, need_train)} subfolders; "
                           f"found {sorted(folders) or 'none'}")
-    class_names = sorted(p.name for p in (train or chosen).iterdir() if p.is_dir())
-    entries = [(d.name, str(f)) for d in chosen.iterdir() if d.is_dir()
-               for f in d.rglob("*") if f.is_file() and not f.name.startswith(".")]
+    entries = _folder_entries(chosen)
+    class_names = sorted({c for c, _ in (entries if train in (None, chosen) else _folder_entries(train))})
     paths, labels, classes = _labelled(entries, str(root), chosen.name, class_names)
     return _Split(names=paths, labels=labels, fetch=_file_reader(paths), on_disk=True), classes
 
@@ -167,7 +179,7 @@ def _open_archive(path: Path, split: str, *, need_train: bool = True,
 
 
 def _read_archive(path: Path) -> dict[str, bytes]:
-    """Every file member of a .tar/.tar.gz/.zip: name -> bytes."""
+    """Every file member of a .tar/.tar.gz/.zip (a tar's links read as their targets): name -> bytes."""
     members: dict[str, bytes] = {}
     try:
         if path.name.lower().endswith(".zip"):
@@ -178,12 +190,28 @@ def _read_archive(path: Path) -> dict[str, bytes]:
         else:
             with tarfile.open(path) as archive:
                 for info in archive:
-                    if info.isfile():
-                        handle = archive.extractfile(info)
+                    if info.isfile() or info.islnk() or info.issym():
+                        try:
+                            handle = archive.extractfile(info)
+                        except KeyError:  # a link to a member the archive lacks
+                            continue
                         members[info.name] = handle.read() if handle is not None else b""
-    except (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError) as error:
-        raise VitkitError(f"{path}: not a readable archive ({type(error).__name__}: {error})") from None
+                _check_tar_end(archive)
+    except (tarfile.TarError, zipfile.BadZipFile, zlib.error, OSError, EOFError) as error:
+        detail = (str(error).strip().splitlines() or [""])[0]
+        raise VitkitError(f"{path}: not a readable archive ({type(error).__name__}: {detail})") from None
     return members
+
+
+def _check_tar_end(archive: tarfile.TarFile) -> None:
+    """tarfile ends its listing quietly at a damaged header after the first, as if the archive
+    ended there; what follows the last member must be the zero blocks of a real end."""
+    if archive.fileobj.tell() < archive.offset:  # never back: a gzip stream would decompress again
+        archive.fileobj.seek(archive.offset)
+    while block := archive.fileobj.read(1 << 20):
+        if block.count(0) != len(block):
+            raise tarfile.ReadError(f"a damaged member header at byte {archive.offset}; the rest of the archive "
+                                    "cannot be listed")
 
 
 def _archive_splits(members: dict[str, bytes],
@@ -191,13 +219,15 @@ def _archive_splits(members: dict[str, bytes],
     """split folder -> (class, member name) pairs; None without an <anchor>/<class>/<image> member
     for any of `anchors` (tried in order: the first one found fixes the split folders' depth)."""
     # parts: [prefix..., split, class, ..., file]
+    # macOS zips carry a __MACOSX/ copy of the tree, of resource forks, not images.
     split_parts = [name.strip("/").split("/") for name in members]
+    split_parts = [[] if parts[0] == "__MACOSX" else parts for parts in split_parts]
     depth = next((parts.index(anchor) for anchor in anchors for parts in split_parts if anchor in parts[:-2]), None)
     if depth is None:
         return None
     by_split: dict[str, list[tuple[str, str]]] = {}
     for name, parts in zip(members, split_parts):
-        if len(parts) >= depth + 3 and not parts[-1].startswith("."):
+        if len(parts) >= depth + 3 and _is_image_name(parts[-1]) and not any(p.startswith(".") for p in parts[depth:]):
             by_split.setdefault(parts[depth], []).append((parts[depth + 1], name))
     return by_split
 
@@ -311,18 +341,22 @@ def _open_cifar(kind: str, root: str | None, split: str) -> tuple[_Split, list[s
 def _decode_all(split: _Split, *, storage: tuple[int, int], workers: int,
                 strict: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Decode every image of `split` in parallel threads (Pillow releases the GIL while it
-    decodes) into (N, H, W, 3) uint8. Images of one size stay as they are; if any size differs,
-    all are cover-cropped to `storage`. Returns (pixels, labels, skipped), unreadable images dropped."""
+    decodes) into (N, H, W, 3) uint8. Images larger than `storage` (H, W) are cover-cropped to it;
+    the others stay as they are if all have one size, else they are cover-cropped too.
+    Returns (pixels, labels, skipped), unreadable images dropped."""
     if split.pixels is not None:
         return split.pixels, split.labels, []
 
     def one(i: int):
         try:
-            return decode_image(split.fetch(i), name=split.names[i])
+            image = decode_image(split.fetch(i), name=split.names[i])
         except ImageReadError as error:
             if strict:
                 raise
             return str(error)
+        # Cut down as soon as decoded: a folder of photos held at full size until the last is
+        # read needs many times the memory of the stored set (2,000 phone photos: ~70 GB).
+        return _cover_crop(image, storage) if image.height > storage[0] or image.width > storage[1] else image
 
     threads = workers if workers > 0 else (os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=threads) as pool:
@@ -644,7 +678,7 @@ def _augment_batch(x: Tensor, *, total: int, part: slice, generator: torch.Gener
     flip = draw() < 0.5
     if max(H, W) <= _SMALL_IMAGE:
         # CIFAR-style: pad 4 px by reflection, crop back at a random offset (He et al., 2016).
-        pad = 4
+        pad = min(4, H - 1, W - 1)  # reflection needs a pad below the side (images of a few pixels)
         offsets = (draw(2) * (2 * pad + 1)).long()  # (B, 2) in [0, 2*pad]
         padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
         rows = offsets[:, 0:1] + torch.arange(H, device=device)  # (B, H)
@@ -867,15 +901,18 @@ class DataBundle:
 def _make_loader(split: _Split, *, train: bool, img_size: tuple[int, int], preprocessing: Preprocessing,
                  batch_size: int, device, augment: str | None, random_erasing: float, workers: int, seed: int,
                  rank: int, world_size: int, strict: bool, in_memory: bool | None) -> tuple[BatchLoader, list[str]]:
+    if workers < 0:
+        raise VitkitError(f"--workers {workers}: must be 0 (one per core) or more")
     common = dict(batch_size=batch_size, train=train, seed=seed, rank=rank, world_size=world_size, device=device)
-    # Storage: images of one size stay as they are; mixed sizes are covered-and-cropped to the
-    # eval transform's resize size, which the eval crop and the train crops then cut from.
+    # Storage: images of one size no larger than the eval transform's resize size stay as they
+    # are; others are covered-and-cropped to that size, which the eval crop and the train crops
+    # then cut from.
     # The probe only estimates the memory needed; _decode_all sees every size and decides.
     sizes = _probe_sizes(split)
     scale = preprocessing.resize / min(preprocessing.crop)
     storage = (math.ceil(preprocessing.crop[0] * scale), math.ceil(preprocessing.crop[1] * scale))
-    mixed = len(set(sizes)) > 1
-    per_image = 3 * (storage[0] * storage[1] if mixed else (np.mean([w * h for w, h in sizes]) if sizes else 0))
+    stored_whole = len(set(sizes)) == 1 and sizes[0][0] <= storage[1] and sizes[0][1] <= storage[0]  # (W, H)
+    per_image = 3 * (sizes[0][0] * sizes[0][1] if stored_whole else storage[0] * storage[1])
     if in_memory is None and preprocessing.resize_mode == "exact":
         # Stored images are cover-cropped, which an aspect-changing resize must not see: stream.
         in_memory = split.pixels is not None

@@ -38,6 +38,8 @@ def read_image(path: str | Path) -> Image.Image:
     Transparent pixels are composited onto white; 16-bit and float images are scaled to 8 bits.
     Raises ImageReadError naming the file for anything that is not a whole, sane image.
     """
+    if not str(path).strip():
+        raise ImageReadError("''", "an empty path")
     path = Path(path)
     if path.is_dir():
         empty = not any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*"))
@@ -121,19 +123,25 @@ def preprocess(image: Image.Image, preprocessing: Preprocessing) -> Tensor:
 
 
 def list_images(inputs: list[str | Path]) -> list[Path]:
-    """Expand files, folders (recursively, image suffixes only) and glob patterns, in order.
-    A name, folder or pattern that yields nothing is kept as it is, so that the caller reports
-    it as a missing input instead of silently doing less than asked."""
+    """Expand files, folders (recursively, image suffixes only) and glob patterns (a folder the
+    pattern matches is expanded too), in order. A name, folder or pattern that yields nothing is
+    kept as it is, so that the caller reports it as a missing input instead of silently doing
+    less than asked. An empty name (an unset shell variable) is an error, not the working directory."""
     import glob
 
+    def expand(path: Path) -> list[Path]:
+        if path.is_dir():
+            return sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        return [path]
+
+    if any(not str(item).strip() for item in inputs):
+        raise VitkitError("an empty image path was given (an unset variable?)")
     found: list[Path] = []
     for item in inputs:
         path = Path(item)
-        if path.is_dir():
-            matches = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        elif not path.exists() and any(ch in str(item) for ch in "*?["):
-            matches = sorted(Path(p) for p in glob.glob(str(item), recursive=True))
+        if not path.exists() and any(ch in str(item) for ch in "*?["):
+            matches = [m for p in sorted(glob.glob(str(item), recursive=True)) for m in expand(Path(p))]
         else:
-            matches = [path]
+            matches = expand(path)
         found.extend(matches or [path])
     return found

@@ -130,6 +130,8 @@ def read_checkpoint(source: str | Path, *, base: ViTConfig | None = None) -> tup
             from .convert.hf import read_hf_dir
 
             return read_hf_dir(path, meta)
+        if best is None and "epochs" in meta and "model" in meta:  # a run's settings (vitkit.train.TrainConfig)
+            raise CheckpointError(path, "a training run with no checkpoint yet (no best/ or last/ inside)")
         raise CheckpointError(config_file, "neither a vitkit config (format: vitkit) nor a HuggingFace ViT config "
                                            f"(model_type: vit); found keys {sorted(meta)[:8]}")
     if not path.exists():
