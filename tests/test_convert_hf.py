@@ -165,7 +165,8 @@ def test_cli_info_and_convert_on_hf_directories(tmp_path, capsys):
     hf_vit(id2label={i: f"kind{i}" for i in range(5)}, label2id={f"kind{i}": i for i in range(5)}).save_pretrained(tmp_path / "hf")
     assert main(["info", str(tmp_path / "hf")]) == 0
     assert "kind0, kind1" in capsys.readouterr().out
-    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "w.safetensors"), "--to", "timm"]) == 0
+    with pytest.warns(UserWarning, match="LayerNorm eps is 1e-12"):  # HF's eps; timm files cannot carry it
+        assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "w.safetensors"), "--to", "timm"]) == 0
     assert main(["info", str(tmp_path / "w.safetensors")]) == 2  # width 32: the head count must be named
     assert "--model" in capsys.readouterr().err
     avg = vitkit.create_model(ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=4, mlp_dim=64,
@@ -222,3 +223,27 @@ def test_online_download_skips_the_bin_when_safetensors_exist(monkeypatch):
     assert "pytorch_model.bin" not in _hub_patterns("org/both", offline=False)
     assert "pytorch_model.bin" in _hub_patterns("org/old", offline=False)
     assert "pytorch_model.bin" in _hub_patterns("org/both", offline=True)  # the cache holds what it holds
+
+
+def test_a_classifier_file_with_pooler_weights_gives_hf_logits(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ref = hf_vit()
+    ref.save_pretrained(tmp_path / "hf")
+    state = load_file(tmp_path / "hf" / "model.safetensors")
+    state["vit.pooler.dense.weight"], state["vit.pooler.dense.bias"] = torch.randn(32, 32) * 0.2, torch.randn(32)
+    save_file(state, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
+    x = torch.randn(2, 3, 32, 32)
+    reloaded = transformers.ViTForImageClassification.from_pretrained(tmp_path / "hf").eval()
+    model = vitkit.load_pretrained(tmp_path / "hf")
+    assert model.config.representation_size is None  # HF's classifier has no pooler either
+    assert (model(x) - logits(reloaded, x)).abs().max() <= 1e-4
+
+
+def test_old_style_processor_sizes_as_plain_ints(tmp_path):
+    hf_vit("DeiTForImageClassificationWithTeacher").save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "preprocessor_config.json").write_text(json.dumps({
+        "crop_size": 32, "size": 36, "do_center_crop": True, "resample": 3,
+        "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}))
+    pre = vitkit.load_pretrained(tmp_path / "hf").preprocessing
+    assert (pre.resize, pre.crop, pre.interpolation) == (36, (32, 32), "bicubic")

@@ -164,3 +164,20 @@ def test_cli_convert_timm_file_with_named_model(tmp_path, capsys):
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert (model(x) - ref(x)).abs().max() <= 1e-4
+
+
+def test_a_model_with_hf_layernorm_eps_goes_to_timm_with_a_warning(tmp_path):
+    from vitkit.weights import read_state_dict
+
+    model = randomize(vitkit.create_model(ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4,
+                                                    mlp_dim=64, num_classes=6, norm_eps=1e-12))).eval()
+    from vitkit.convert.timm import write_timm_state_dict
+
+    with pytest.warns(UserWarning, match="eps is 1e-12"):
+        path = write_timm_state_dict(model, path=tmp_path / "w.safetensors")
+    ref = TimmViT(**timm_kwargs(model.config)).eval()
+    assert ref.norm.eps == ref.blocks[0].norm1.eps == 1e-12
+    ref.load_state_dict(read_state_dict(path), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)

@@ -206,3 +206,42 @@ def test_a_damaged_pickle_is_unreadable_not_unsafe(tmp_path):
     with pytest.raises(CheckpointError) as error:
         vitkit.load_pretrained(tmp_path / "bad.pth", model=TINY)
     assert "not a readable PyTorch checkpoint" in str(error.value) and "refused" not in str(error.value)
+
+
+def test_a_newer_pickle_protocol_is_named_without_torchs_advice_to_drop_weights_only(tmp_path, capsys):
+    torch.save(randomize(vitkit.create_model(TINY)).state_dict(), tmp_path / "p4.pth", pickle_protocol=4)
+    assert main(["info", str(tmp_path / "p4.pth"), "--model", "ViT-Ti/16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "pickle protocol above 2" in err
+    assert "weights_only" not in err and "False" not in err
+
+
+def test_weights_of_impossible_shapes_are_one_line_errors(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from vitkit.convert.jax_npz import write_npz
+
+    write_npz(randomize(vitkit.create_model(TINY)), path=tmp_path / "good.npz")
+    arrays = dict(np.load(tmp_path / "good.npz"))
+    for key, bad in (("head/kernel", np.zeros(32, np.float32)), ("cls", np.zeros((1, 1, 7), np.float32))):
+        np.savez(tmp_path / "bad.npz", **{**arrays, key: bad})
+        assert main(["info", str(tmp_path / "bad.npz")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "bad.npz" in err
+    state = {k: v.contiguous() for k, v in randomize(vitkit.create_model(TINY)).state_dict().items()}
+    save_file({**state, "pos_embed": torch.zeros(17)}, str(tmp_path / "bad.safetensors"))
+    assert main(["info", str(tmp_path / "bad.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "bad.safetensors" in err
+
+
+def test_a_bad_stem_in_a_saved_config_is_one_line(tmp_path, capsys):
+    import json
+
+    vitkit.create_model("vit_cifar_conv", embed_dim=32, num_heads=2, mlp_dim=32, depth=1).save_pretrained(tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "config.json").read_text())
+    meta["model"]["hybrid_stem"]["bogus"] = 1
+    (tmp_path / "m" / "config.json").write_text(json.dumps(meta))
+    assert main(["info", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "bogus" in err and str(tmp_path / "m") in err

@@ -136,14 +136,16 @@ def read_checkpoint(source: str | Path, *, base: ViTConfig | None = None) -> tup
                                            f"(model_type: vit); found keys {sorted(meta)[:8]}")
     if not path.exists():
         raise CheckpointError(path, "no such file or directory")
-    if path.suffix.lower() == ".npz":
-        from .convert.jax_npz import read_npz_checkpoint
-
-        return read_npz_checkpoint(path, base=base)
-    state = read_state_dict(path)
+    from .convert.jax_npz import read_npz_checkpoint
     from .convert.timm import read_timm_state_dict
 
-    return read_timm_state_dict(state, base=base, source=str(path))
+    try:
+        if path.suffix.lower() == ".npz":
+            return read_npz_checkpoint(path, base=base)
+        return read_timm_state_dict(read_state_dict(path), base=base, source=str(path))
+    except (IndexError, ValueError, RuntimeError) as error:  # an array of a rank or size no ViT has
+        message = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise CheckpointError(path, f"a weight of an unexpected shape ({type(error).__name__}: {message})") from None
 
 
 def _is_model_config(config_file: Path) -> bool:
@@ -195,7 +197,10 @@ def build_from_checkpoint(config: ViTConfig, state: dict[str, Tensor], extras: d
     if shape_changes:
         raise VitkitError(f"{source}: the checkpoint's {', '.join(shape_changes)} cannot be overridden "
                           f"(it was trained with {', '.join(f'{k}={getattr(config, k)!r}' for k in shape_changes)})")
-    model = VisionTransformer(build_config)
+    try:
+        model = VisionTransformer(build_config)
+    except ValueError as error:  # what the config alone cannot check, such as hybrid_stem's contents
+        raise CheckpointError(source, str(error)) from None
     load_state(model, state, source=source)
     if extras.get("preprocessing") is not None:
         model.preprocessing = extras["preprocessing"]

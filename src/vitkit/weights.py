@@ -59,12 +59,30 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
 def load_torch_file(path: Path, *, what: str = "PyTorch checkpoint") -> Any:
     """torch.load(weights_only=True) on the CPU: a file whose pickle asks for code is refused,
     and one that cannot be read is "not a readable <what>", each a one-line CheckpointError."""
+    import warnings
+
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # the error below says it
+            return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001  refusals, and garbage reaching the unpickler's KeyError, struct.error...
         if refused_by_weights_only(error):
             raise CheckpointError(path, refusal_message(error)) from None
-        raise CheckpointError(path, f"not a readable {what} ({_first_line(error)})") from None
+        raise CheckpointError(path, f"not a readable {what} ({_unpickler_fault(error)})") from None
+
+
+def _unpickler_fault(error: BaseException) -> str:
+    """The cause of a failed torch.load in one line. torch's own first line advises retrying with
+    weights_only=False, which would run whatever code the file holds: never repeated here."""
+    text = str(error)
+    if "Weights only load failed" not in text:
+        return _first_line(error)
+    cause = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
+    cause = cause[0][:200] if cause and "WeightsUnpickler error:" in text else "the weights-only unpickler stopped"
+    if "Unsupported operand" in cause:
+        cause += ("; a pickle protocol above 2, which the weights-only unpickler does not read: if you trust "
+                  "the file, re-save it as safetensors")
+    return cause
 
 
 def _read_torch_pickle(path: Path) -> dict[str, Tensor]:

@@ -115,9 +115,12 @@ def convert(*, source: str | Path, destination: str | Path, to: str, model: str 
     if to not in FORMATS:
         raise VitkitError(f"--to {to!r}: expected one of {', '.join(FORMATS)}")
     destination = Path(destination)
-    if not str(source).startswith("hf-hub:") and Path(source).exists() and destination.exists() \
-            and destination.resolve() == Path(source).resolve():
-        raise VitkitError(f"{destination}: is the source itself; converting in place would overwrite the original")
+    if not str(source).startswith("hf-hub:") and Path(source).exists():
+        src, dst = Path(source).resolve(), destination.resolve()
+        # Writing into the source (RUN -> RUN/best, a directory -> its own model.safetensors), or
+        # a directory around a source file, could overwrite the original before it is read whole.
+        if dst == src or src in dst.parents or dst in src.parents:
+            raise VitkitError(f"{destination}: overlaps the source {source}; write the conversion somewhere else")
     from ..pretrained import load_or_create
 
     loaded = load_or_create(str(source), model=model)

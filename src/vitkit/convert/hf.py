@@ -135,14 +135,18 @@ def read_hf_dir(path: Path, meta: dict[str, Any]) -> tuple[ViTConfig, dict[str, 
             out[f"blocks.{i}.attn.qkv.bias"] = torch.cat([keys.take(f"{src}{_QKV[n][spelling]}.bias") for n in "qkv"])
     out["norm.weight"] = keys.take(f"{root}layernorm.weight")
     out["norm.bias"] = keys.take(f"{root}layernorm.bias")
-    if f"{root}pooler.dense.weight" in keys:
+    heads = ("cls_classifier", "distillation_classifier") if deit else ("classifier",)
+    if f"{root}pooler.dense.weight" in keys and f"{heads[0]}.weight" in keys:
+        # HF's classifiers are built without the pooler and skip its weights when a file has
+        # them; so does this reader, or the logits would differ from HF's.
+        keys.take(f"{root}pooler.dense.weight"), keys.take(f"{root}pooler.dense.bias")
+    elif f"{root}pooler.dense.weight" in keys:
         # ViTModel's pooler, tanh(dense(first token)), is the paper's pre-logits layer.
         if meta.get("pooler_act", "tanh") != "tanh":
             raise CheckpointError(config_file, f"pooler_act {meta['pooler_act']!r}: only tanh is supported")
         out["pre_logits.fc.weight"] = keys.take(f"{root}pooler.dense.weight")
         out["pre_logits.fc.bias"] = keys.take(f"{root}pooler.dense.bias")
         fields["representation_size"] = out["pre_logits.fc.weight"].shape[0]
-    heads = ("cls_classifier", "distillation_classifier") if deit else ("classifier",)
     if f"{heads[0]}.weight" in keys:
         out["head.weight"], out["head.bias"] = keys.take(f"{heads[0]}.weight"), keys.take(f"{heads[0]}.bias")
         if deit:
@@ -217,8 +221,11 @@ def _read_preprocessing(path: Path, config: ViTConfig) -> Preprocessing | None:
     try:
         meta = json.loads(path.read_text())
         size = meta.get("size", {"height": config.img_size[0], "width": config.img_size[1]})
+        # Older processor files (the Hub's facebook/deit-*) give sizes as plain ints.
         if isinstance(size, int):
             size = {"height": size, "width": size}
+        if isinstance(meta.get("crop_size"), int):
+            meta["crop_size"] = {"height": meta["crop_size"], "width": meta["crop_size"]}
         mode = "shorter"
         if "shortest_edge" in size:
             crop = meta.get("crop_size", {"height": size["shortest_edge"], "width": size["shortest_edge"]})

@@ -72,7 +72,7 @@ def read_timm_state_dict(state: dict[str, Tensor], *, base: ViTConfig | None, so
     fields["representation_size"] = keys.take("pre_logits.fc.weight").shape[0] if "pre_logits.fc.weight" in keys else None
     fields["num_classes"] = keys.take("head.weight").shape[0] if "head.weight" in keys else 0
     fields["num_heads"] = _num_heads(D, base, source)
-    fields["norm_eps"] = base.norm_eps if base else 1e-6
+    fields["norm_eps"] = base.norm_eps if base else TIMM_NORM_EPS
     fields.update(_img_size(keys, fields, base, source))
     if base is not None:
         _check_against_base(fields, base, source)
@@ -149,6 +149,9 @@ def _pair(value: Any) -> tuple:
     return tuple(value) if isinstance(value, (tuple, list)) else (value,)
 
 
+TIMM_NORM_EPS = 1e-6  # timm's ViT LayerNorm eps, which its weight files do not record
+
+
 def timm_kwargs(config: ViTConfig) -> dict[str, Any]:
     """Keyword arguments for `timm.models.vision_transformer.VisionTransformer` (or
     `timm.create_model(name, **kwargs)`) that build the model `config` describes."""
@@ -157,12 +160,19 @@ def timm_kwargs(config: ViTConfig) -> dict[str, Any]:
         "hybrid stem (load it into timm's hybrid model of the same name)": bool(config.hybrid_stem),
         "distillation token (load it into timm's deit_*_distilled model)": config.distill_token,
     })
-    return dict(img_size=config.img_size, patch_size=config.patch_size, in_chans=config.in_chans,
-                num_classes=config.num_classes, global_pool=config.global_pool, embed_dim=config.embed_dim,
-                depth=config.depth, num_heads=config.num_heads, mlp_ratio=config.mlp_dim / config.embed_dim,
-                qkv_bias=config.qkv_bias, qk_norm=config.qk_norm, init_values=config.init_values,
-                class_token=config.class_token, no_embed_class=not config.prefix_pos_embed,
-                reg_tokens=config.reg_tokens, fc_norm=config.use_fc_norm)
+    kwargs = dict(img_size=config.img_size, patch_size=config.patch_size, in_chans=config.in_chans,
+                  num_classes=config.num_classes, global_pool=config.global_pool, embed_dim=config.embed_dim,
+                  depth=config.depth, num_heads=config.num_heads, mlp_ratio=config.mlp_dim / config.embed_dim,
+                  qkv_bias=config.qkv_bias, qk_norm=config.qk_norm, init_values=config.init_values,
+                  class_token=config.class_token, no_embed_class=not config.prefix_pos_embed,
+                  reg_tokens=config.reg_tokens, fc_norm=config.use_fc_norm)
+    if config.norm_eps != TIMM_NORM_EPS:  # HF's models use 1e-12
+        from functools import partial
+
+        from torch import nn
+
+        kwargs["norm_layer"] = partial(nn.LayerNorm, eps=config.norm_eps)
+    return kwargs
 
 
 def write_timm_state_dict(model: Any, *, path: str | Path) -> Path:
@@ -177,6 +187,12 @@ def write_timm_state_dict(model: Any, *, path: str | Path) -> Path:
         and config.hybrid_stem.get("type") != "resnet",
     })
     path = Path(path)
+    if config.norm_eps != TIMM_NORM_EPS:
+        import warnings
+
+        warnings.warn(f"{path}: this model's LayerNorm eps is {config.norm_eps:g}, and a timm weights file cannot "
+                      f"say so: timm and vitkit read it back with {TIMM_NORM_EPS:g} (logits differ slightly) "
+                      "unless the model is built with timm_kwargs(config)", stacklevel=2)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
