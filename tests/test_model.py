@@ -47,6 +47,11 @@ def test_three_names_for_one_variant():
 def test_unknown_name_lists_close_matches():
     with pytest.raises(ValueError, match="vit_base_patch16_224"):
         vitkit.variants.resolve("vit_bsae_patch16_224")
+    with pytest.raises(ValueError, match="did you mean ViT-B/16"):  # spelled as the table spells it
+        vitkit.variants.resolve("vitb16x")
+    # The right form with numbers that cannot be: a typo too, not a config error alone.
+    with pytest.raises(ValueError, match=r"'vit_tiny_patch16_22': .*did you mean vit_tiny_patch16_224"):
+        vitkit.variants.resolve("vit_tiny_patch16_22")
 
 
 @pytest.mark.parametrize("name", ["tiny", "small", "base", "large", "huge", "ViT-S/8", "ViT-B/32", "ViT-L/14"])

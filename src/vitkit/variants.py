@@ -82,16 +82,24 @@ def resolve(name: str) -> ViTConfig:
     if key in _BY_NAME:
         size = _BY_NAME[key]
         return _config_for(size, size.default_patch, DEFAULT_IMG_SIZE)
-    match = _PAPER.match(key)
-    if match:
-        return _config_for(_BY_LETTER[match.group(1)], int(match.group(2)), DEFAULT_IMG_SIZE)
-    match = _TIMM.match(key)
-    if match:
-        img_size = int(match.group(3) or DEFAULT_IMG_SIZE)
-        return _config_for(_BY_NAME[match.group(1)], int(match.group(2)), img_size)
-    close = difflib.get_close_matches(key, [n.lower() for n in list_models()], n=5, cutoff=0.5)
-    hint = f"; did you mean {', '.join(close)}?" if close else "; `vitkit.list_models()` lists them all"
-    raise ValueError(f"unknown model name {name!r}{hint}")
+    try:
+        match = _PAPER.match(key)
+        if match:
+            return _config_for(_BY_LETTER[match.group(1)], int(match.group(2)), DEFAULT_IMG_SIZE)
+        match = _TIMM.match(key)
+        if match:
+            img_size = int(match.group(3) or DEFAULT_IMG_SIZE)
+            return _config_for(_BY_NAME[match.group(1)], int(match.group(2)), img_size)
+    except ValueError as error:  # a name of the right form with numbers that do not fit (patch 15 at 224 px)
+        raise ValueError(f"model name {name!r}: {error}{_close_matches(key)}") from None
+    raise ValueError(f"unknown model name {name!r}{_close_matches(key)}")
+
+
+def _close_matches(key: str) -> str:
+    """'; did you mean ...?' with the known names nearest to `key`, as the table spells them."""
+    spelled = {n.lower(): n for n in list_models()}
+    close = difflib.get_close_matches(key, list(spelled), n=5, cutoff=0.5)
+    return f"; did you mean {', '.join(spelled[c] for c in close)}?" if close else "; `vitkit.list_models()` lists them all"
 
 
 def list_models() -> list[str]:
