@@ -247,3 +247,25 @@ def test_old_style_processor_sizes_as_plain_ints(tmp_path):
         "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}))
     pre = vitkit.load_pretrained(tmp_path / "hf").preprocessing
     assert (pre.resize, pre.crop, pre.interpolation) == (36, (32, 32), "bicubic")
+
+
+def test_hf_deit_processor_stretches_then_crops_as_hf_does(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from vitkit.images import preprocess
+
+    hf_vit("DeiTForImageClassificationWithTeacher").save_pretrained(tmp_path / "hf")
+    processor = transformers.DeiTImageProcessor(size={"height": 40, "width": 40}, crop_size={"height": 32, "width": 32},
+                                                do_center_crop=True, resample=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor.save_pretrained(tmp_path / "hf")
+    model = vitkit.load_pretrained(tmp_path / "hf")
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 30, 3), dtype=np.uint8))
+    theirs = processor(photo, return_tensors="pt")["pixel_values"][0]
+    ours = preprocess(photo, model.preprocessing)
+    assert ours.shape == theirs.shape and (ours - theirs).abs().mean() < 0.02  # resampling filters differ slightly
+    write_hf_dir(model, directory=tmp_path / "back")  # and it goes back to HF as it came
+    back = json.loads((tmp_path / "back" / "preprocessor_config.json").read_text())
+    assert (back["size"], back["crop_size"], back["do_center_crop"]) == (processor.size, processor.crop_size, True)
+    vitkit.pretrained.set_img_size(model, 64)  # the stretch keeps its proportion to the crop: 80 then 64
+    assert model.preprocessing.resized_size(60, 30) == (80, 80) and model.preprocessing.crop == (64, 64)

@@ -245,3 +245,15 @@ def test_a_bad_stem_in_a_saved_config_is_one_line(tmp_path, capsys):
     assert main(["info", str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "bogus" in err and str(tmp_path / "m") in err
+
+
+def test_a_model_name_that_contradicts_the_file_is_refused(tmp_path, capsys):
+    from vitkit.convert.jax_npz import write_npz
+
+    model = randomize(vitkit.create_model(TINY))
+    model.save_pretrained(tmp_path / "m")
+    write_npz(model, path=tmp_path / "m.npz")
+    for source in (tmp_path / "m", tmp_path / "m.npz"):
+        assert main(["info", str(source), "--model", "ViT-H/14"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "--model ViT-H/14" in err and "embed_dim=32 (not 1280)" in err and "\n" not in err

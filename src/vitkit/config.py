@@ -178,7 +178,8 @@ class Preprocessing:
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # the JAX reference maps pixels to [-1, 1]
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     # "shorter": the shorter side to `resize`, then the centre crop (aspect kept). "exact": straight
-    # to the crop size, aspect not kept, as HF's ViTImageProcessor does; `resize` is then unused.
+    # to the crop's shape scaled so its shorter side is `resize`, aspect not kept, then the crop:
+    # HF's ViTImageProcessor (resize == the crop's shorter side: no crop) and DeiTImageProcessor.
     resize_mode: str = "shorter"
 
     def __post_init__(self) -> None:
@@ -196,7 +197,8 @@ class Preprocessing:
         """The (H, W) an image of this size is resized to before the centre crop."""
         crop_h, crop_w = self.crop
         if self.resize_mode == "exact":
-            return crop_h, crop_w
+            scale = self.resize / min(crop_h, crop_w)
+            return max(crop_h, round(crop_h * scale)), max(crop_w, round(crop_w * scale))
         # The shorter side goes to `resize`, but never below the crop, so non-square crops fit.
         scale = max(self.resize / min(height, width), crop_h / height, crop_w / width)
         return max(crop_h, round(height * scale)), max(crop_w, round(width * scale))

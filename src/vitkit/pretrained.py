@@ -54,12 +54,25 @@ def load_or_create(source: str, *, model: str | None = None) -> VisionTransforme
     `load_pretrained`; otherwise a variant name builds a fresh model. A path wins over a name: a
     run folder called "tiny" is the user's model. `model` names the variant for weight files."""
     if Path(source).exists() or source.startswith("hf-hub:"):
-        return load_pretrained(source, model=model)
+        loaded = load_pretrained(source, model=model)
+        if model is not None:
+            _check_named_model(loaded.config, model, source)
+        return loaded
     try:
         resolve(source)
     except ValueError as error:
         raise VitkitError(f"{source!r} is neither a file, a directory nor a model name: {error}") from None
     return create_model(source)
+
+
+def _check_named_model(config: ViTConfig, model: str, source: str) -> None:
+    """--model beside a file that says its own architecture must agree with it: silently using
+    the file's would answer another question than the one asked."""
+    named = resolve(model)
+    fields = ("embed_dim", "depth", "num_heads", "mlp_dim", "patch_size")
+    differ = [f"{k}={getattr(config, k)} (not {getattr(named, k)})" for k in fields if getattr(config, k) != getattr(named, k)]
+    if differ:
+        raise VitkitError(f"--model {model}: {source} holds another architecture: {', '.join(differ)}")
 
 
 def save_pretrained(model: VisionTransformer, directory: str | Path) -> Path:
@@ -249,6 +262,8 @@ def set_img_size(model: VisionTransformer, img_size: int | tuple[int, int]) -> N
     old_pre = model.preprocessing
     model.preprocessing = Preprocessing.for_size(new.img_size, interpolation=old_pre.interpolation, mean=old_pre.mean,
                                                  std=old_pre.std, resize_mode=old_pre.resize_mode)
+    if old_pre.resize_mode == "exact":  # keep the stretch's proportion to the crop (1 for HF's ViT: no crop)
+        model.preprocessing.resize = round(old_pre.resize * min(new.img_size) / min(old_pre.crop))
 
 
 def _read_json(path: Path) -> dict[str, Any]:
