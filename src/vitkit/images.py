@@ -63,6 +63,9 @@ def decode_image(data: bytes, *, name: str) -> Image.Image:
         with warnings.catch_warnings():
             # A bomb warning is as bad as the error Pillow raises at twice the size: refuse both.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # A damaged EXIF block loses only the orientation; the pixels are whole, and Pillow's
+            # warning about it names no file.
+            warnings.filterwarnings("ignore", message="Corrupt EXIF data")
             with Image.open(io.BytesIO(data)) as image:
                 if image.width * image.height > MAX_PIXELS:
                     raise ImageReadError(name, f"{image.width}x{image.height} pixels exceeds the "
@@ -105,8 +108,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def preprocess(image: Image.Image, preprocessing: Preprocessing) -> Tensor:
-    """RGB image -> normalised float tensor (3, H, W): resize (the shorter side, or straight to the
-    crop size), centre-crop, then (x / 255 - mean) / std, as the checkpoint's preprocessing says."""
+    """RGB image -> normalised float tensor (3, H, W): resize (the shorter side, or a stretch: see
+    `Preprocessing.resize_mode`), centre-crop, then (x / 255 - mean) / std, as the checkpoint's
+    preprocessing says."""
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as TF
 
