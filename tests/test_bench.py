@@ -82,6 +82,9 @@ def test_bad_arguments_are_one_line_errors(capsys):
         benchmark_throughput(model="ViT-Q/16")
     assert main(["bench", "throughput", "--model", "ViT-B/16", "--batch-size", "0"]) == 2
     assert "--batch-size" in capsys.readouterr().err
+    for flags, named in ((["--warmup", "-1"], "--warmup -1"), (["--modes", ""], "--modes: none given")):
+        assert main(["bench", "throughput", "--model", "ViT-B/16", *flags]) == 2
+        assert named in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["bench", "nonsense"])
 
@@ -139,7 +142,7 @@ def test_onnxruntime_peer_runs_the_exported_model_for_inference_only(capsys):
     rows = benchmark_throughput(model="tiny", config=TINY, batch_size=2, precision="bf16", peers=["onnxruntime"],
                                 modes=["infer"], **QUICK)
     assert [r["impl"] for r in rows] == ["vitkit"]
-    assert "skipping onnxruntime: measured on the CPU in fp32 only" in capsys.readouterr().out
+    assert "skipping onnxruntime: measured on the CPU in fp32 only" in capsys.readouterr().err
 
 
 def test_a_failing_peer_loses_its_row_not_the_run(monkeypatch, capsys):
@@ -152,4 +155,17 @@ def test_a_failing_peer_loses_its_row_not_the_run(monkeypatch, capsys):
     rows = benchmark_throughput(model="tiny", config=TINY, batch_size=2, precision="fp32", peers=["timm", "hf"],
                                 modes=["infer"], **QUICK)
     assert [r["impl"] for r in rows] == ["vitkit", "hf"] and set(rows[0]["ratios"]) == {"hf"}
-    assert "timm infer failed, no row: RuntimeError: CUDA out of memory" in capsys.readouterr().out
+    assert "timm infer failed, no row: RuntimeError: CUDA out of memory" in capsys.readouterr().err
+
+
+def test_cpu_mfu_stays_below_one_in_half_precision_and_json_is_alone_on_stdout(capsys):
+    import json
+
+    assert main(["bench", "throughput", "--model", "ViT-Ti/16", "--img-size", "32", "--precision", "fp16",
+                 "--peers", "onnxruntime", "--modes", "infer", "--batch-size", "2", "--steps", "2", "--repeats", "1",
+                 "--warmup", "1", "--device", "cpu", "--sdpa", "cudnn", "--json"]) == 0
+    captured = capsys.readouterr()
+    rows = json.loads(captured.out)
+    assert rows and all(0 < row["mfu"] < 1 for row in rows)
+    assert all("cudnn" not in row["levers"] for row in rows)  # no CUDA kernel ran on the CPU
+    assert "skipping onnxruntime" in captured.err

@@ -228,7 +228,8 @@ def _measure(*, impl: str, build: Callable[[], nn.Module], mode: str, config: Vi
     rss = peak_rss_gb()
     levers = []
     chosen = attention_backends(backend, device=device)
-    if chosen is not None:
+    # Only a kernel this device has: on a CPU a CUDA kernel first in the list falls through.
+    if chosen is not None and (device.type == "cuda" or chosen[0].name in ("FLASH_ATTENTION", "MATH")):
         levers.append(f"sdpa={chosen[0].name.lower()}")
     if grad_checkpointing and mode == "train":
         levers.append("grad-checkpointing")
@@ -271,8 +272,14 @@ def benchmark_throughput(*, model: str, batch_size: int = 64, precision: str = "
 
     if precision not in PRECISIONS:
         raise VitkitError(f"--precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if batch_size < 1 or steps < 1 or repeats < 1 or warmup < 0:
-        raise VitkitError("--batch-size, --steps and --repeats must be positive")
+    for flag, value, least in (("--batch-size", batch_size, 1), ("--steps", steps, 1), ("--repeats", repeats, 1),
+                               ("--warmup", warmup, 0)):
+        if value < least:
+            raise VitkitError(f"{flag} {value}: must be at least {least}")
+    if not modes:
+        raise VitkitError(f"--modes: none given; expected a comma list of {', '.join(MODES)}")
+    if compile and warmup < 1:
+        warmup = 1  # else the first timed step would be the compilation
     unknown = [p for p in peers if p not in PEERS]
     if unknown:
         raise VitkitError(f"--peers: unknown peer {unknown[0]!r}; expected a comma list of {', '.join(PEERS)}")
@@ -323,13 +330,18 @@ def benchmark_throughput(*, model: str, batch_size: int = 64, precision: str = "
             continue
         builders[peer] = {"timm": lambda: build_timm(config), "hf": lambda: build_hf(config),
                           "onnxruntime": lambda: VisionTransformer(config)}[peer]
-    for peer, why in skipped.items():
-        print(f"bench: skipping {peer}: {why}")
+    for peer, why in skipped.items():  # on stderr: stdout may be --json
+        print(f"bench: skipping {peer}: {why}", file=sys.stderr)
 
-    # MFU against the bf16 tensor-core rate on GPUs (the issue's yardstick); a CPU without bf16
-    # units runs bf16 slower than fp32, so there the peak is the rate of the row's own precision.
-    peak_dtype = torch.bfloat16 if dev.type == "cuda" else dtype
-    peak_tflops = matmul_tflops or measure_matmul_tflops(device=dev, dtype=peak_dtype)
+    # MFU against the bf16 tensor-core rate on GPUs (the issue's yardstick). On a CPU, the faster of
+    # fp32 and the row's precision: a CPU without bf16/fp16 units runs those slower than fp32 in a
+    # plain matmul, yet the model's own kernels may not, and MFU must stay below 1.
+    if matmul_tflops:
+        peak_tflops = matmul_tflops
+    elif dev.type == "cuda":
+        peak_tflops = measure_matmul_tflops(device=dev, dtype=torch.bfloat16)
+    else:
+        peak_tflops = max(measure_matmul_tflops(device=dev, dtype=d) for d in {dtype, torch.float32})
     flops = count_flops(config)["total"]
     rows = []
     for mode in modes:
@@ -346,7 +358,8 @@ def benchmark_throughput(*, model: str, batch_size: int = 64, precision: str = "
             except Exception as error:  # a peer that breaks (out of memory, a compile error) loses its row only
                 if impl == "vitkit":
                     raise
-                print(f"bench: {impl} {mode} failed, no row: {type(error).__name__}: {str(error)[:200]}")
+                print(f"bench: {impl} {mode} failed, no row: {type(error).__name__}: {str(error)[:200]}",
+                      file=sys.stderr)
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
                 continue
