@@ -149,7 +149,7 @@ def test_area_interpolation_is_refused_for_onnx_and_exports_elsewhere(tmp_path):
 
 
 def test_exported_graphs_take_two_patches_per_side_at_least(model, tmp_path):
-    with pytest.raises(VitkitError, match=r"--img-size 8: exported graphs take 2 to 128 patches per side, 16 to 1024"):
+    with pytest.raises(VitkitError, match=r"--img-size 8: exported graphs take 2 to 128 patches per side: 16 to 1024 px at stride 8"):
         export_model(model, format="exported-program", out=tmp_path / "m.pt2", img_size=8)
     with pytest.raises(VitkitError, match=r"--img-size 1032: exported graphs take 2 to 128"):
         export_model(model, format="onnx", out=tmp_path / "m.onnx", img_size=1032)
@@ -238,3 +238,26 @@ def test_conv_stem_hybrid_exports_with_dynamic_sizes(tmp_path):
     x = torch.randn(2, 3, 24, 48)
     with torch.no_grad():
         torch.testing.assert_close(torch.export.load(str(report.path)).module()(x), hybrid(x), atol=1e-4, rtol=1e-4)
+
+
+def test_a_failed_export_leaves_the_file_there_untouched_and_bad_paths_are_one_line(model, tmp_path):
+    out = tmp_path / "keep.onnx"
+    out.write_bytes(b"the user's earlier export")
+    with pytest.raises(VitkitError, match="differ from PyTorch's.*nothing written"):
+        export_model(model, format="torchscript", out=out, tolerance=-1.0)  # no export can pass
+    assert out.read_bytes() == b"the user's earlier export"
+    assert [f.name for f in tmp_path.iterdir()] == ["keep.onnx"]  # no partial file left behind
+    export_model(model, format="torchscript", out=out)
+    assert out.read_bytes() != b"the user's earlier export"
+    with pytest.raises(VitkitError, match="name it m.ep.pt2"):
+        export_model(model, format="exported-program", out=tmp_path / "m.ep")
+    with pytest.raises(VitkitError, match="--out /proc/m.pt: cannot be written"):
+        export_model(model, format="torchscript", out="/proc/m.pt")
+
+
+def test_size_errors_name_both_strides_of_non_square_patches(tmp_path):
+    wide = VisionTransformer(ViTConfig(**{**TINY, "img_size": (64, 32), "patch_size": (8, 16)}))
+    with pytest.raises(VitkitError, match=r"divisible by the model's stride 8x16 \(height x width\)"):
+        export_model(wide, format="torchscript", out=tmp_path / "m.pt", img_size=24)
+    with pytest.raises(VitkitError, match="16 to 1024 px and 32 to 2048 px at stride 8x16"):
+        export_model(wide, format="torchscript", out=tmp_path / "m.pt", img_size=16)

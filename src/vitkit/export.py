@@ -15,6 +15,7 @@ go to `OUT.onnx.data` beside it, which the report names (keep the two files toge
 
 from __future__ import annotations
 
+import os
 import warnings
 
 from dataclasses import dataclass, field
@@ -61,12 +62,14 @@ def _example_sizes(model: nn.Module, img_size: int | None) -> tuple[tuple[int, i
     stride = config.stem_stride
     H, W = (img_size, img_size) if img_size is not None else config.img_size
     what = f"--img-size {img_size}" if img_size is not None else f"the model's image size {H}x{W} (set --img-size)"
+    step = f"{stride[0]}" if stride[0] == stride[1] else f"{stride[0]}x{stride[1]} (height x width)"
     if H % stride[0] or W % stride[1]:
-        raise VitkitError(f"{what}: must be divisible by the model's stride {stride[0]}")
+        raise VitkitError(f"{what}: must be divisible by the model's stride {step}")
     grid = (H // stride[0], W // stride[1])
     if not all(MIN_GRID <= g <= MAX_GRID for g in grid):
-        raise VitkitError(f"{what}: exported graphs take {MIN_GRID} to {MAX_GRID} patches per side, "
-                          f"{MIN_GRID * stride[0]} to {MAX_GRID * stride[0]} px at stride {stride[0]}")
+        sides = " and ".join(dict.fromkeys(f"{MIN_GRID * s} to {MAX_GRID * s} px" for s in stride))
+        raise VitkitError(f"{what}: exported graphs take {MIN_GRID} to {MAX_GRID} patches per side: "
+                          f"{sides} at stride {step}")
     # The check's second grid is larger, and non-square, unless that would pass the maximum.
     h2 = grid[0] + 2 if grid[0] + 2 <= MAX_GRID else grid[0] - 2
     w2 = grid[1] + 1 if grid[1] + 1 <= MAX_GRID else grid[1] - 1
@@ -99,6 +102,8 @@ def export_model(model: nn.Module, *, format: str, out: str | Path, img_size: in
         raise VitkitError(f"--out {out}: is a folder; give the file to write, e.g. {example_file}")
     if not out.parent.exists():
         raise VitkitError(f"--out {out}: the folder {out.parent} does not exist")
+    if format == "exported-program" and out.suffix != ".pt2":  # torch.export.load knows the format by it
+        raise VitkitError(f"--out {out}: an exported program is written as a .pt2 file; name it {out.name}.pt2")
     if format == "onnx" and model.config.pos_embed_interpolation == "area":
         # torch lowers area resizing to an adaptive average pool, which ONNX has only with a fixed
         # output size: the graph would be pinned to the example's grid and fail at any other.
@@ -110,8 +115,26 @@ def export_model(model: nn.Module, *, format: str, out: str | Path, img_size: in
     (H, W), (H2, W2) = _example_sizes(model, img_size)
     C = model.config.in_chans
     example = torch.randn(2, C, H, W, device=param.device, dtype=param.dtype)
-    data_path = None
+    # Written beside `out` and put in its place only once checked: a failed export or check never
+    # destroys a file already there. (Past 2 GB an ONNX model's weights go to a file named after
+    # the .onnx, which records that name: that export is written in place.)
+    final, out = out, out.with_name(f".{out.stem}.partial-{os.getpid()}{out.suffix}")
+    try:
+        report = _write_and_check(model, format=format, out=out, example=example, sizes=((H, W), (H2, W2)),
+                                  tolerance=tolerance, final=final)
+    except (OSError, RuntimeError) as error:
+        raise VitkitError(f"--out {final}: cannot be written ({str(error).strip().splitlines()[0][:160]})") from None
+    finally:
+        out.unlink(missing_ok=True)
+    return report
 
+
+def _write_and_check(model: nn.Module, *, format: str, out: Path, example: Tensor,
+                     sizes: tuple[tuple[int, int], tuple[int, int]], tolerance: float, final: Path) -> ExportReport:
+    param = next(model.parameters())
+    C = example.shape[1]
+    (H, W), (H2, W2) = sizes
+    data_path = None
     if format == "torchscript":
         with torch.no_grad(), warnings.catch_warnings():
             # The tracer warns that the patch-divisibility checks become constants: they hold for
@@ -129,8 +152,13 @@ def export_model(model: nn.Module, *, format: str, out: str | Path, img_size: in
             run = torch.export.load(str(out)).module()
         else:
             run, data_path = _write_onnx(model, program, example, out)
+            if data_path is not None:
+                out.unlink()
+                data_path.unlink()
+                run, data_path = _write_onnx(model, program, example, final)
+                out = final
 
-    report = ExportReport(path=out, format=format, data_path=data_path)
+    report = ExportReport(path=final, format=format, data_path=data_path)
     for batch, (h, w) in ((2, (H, W)), (3, (H2, W2))):
         x = torch.randn(batch, C, h, w, device=param.device, dtype=param.dtype)
         with torch.no_grad():
@@ -140,8 +168,10 @@ def export_model(model: nn.Module, *, format: str, out: str | Path, img_size: in
         report.zero_logits = report.zero_logits or not bool(ref.abs().max() > 0)
         report.checks[f"{batch}x{h}x{w}"] = error
         if not error <= tolerance:  # NaN fails too
-            raise VitkitError(f"{out}: exported logits differ from PyTorch's at {batch}x{h}x{w} "
-                              f"(relative error {error:.1e} > {tolerance:.0e})")
+            raise VitkitError(f"{final}: exported logits differ from PyTorch's at {batch}x{h}x{w} "
+                              f"(relative error {error:.1e} > {tolerance:.0e}); nothing written")
+    if out != final:
+        os.replace(out, final)
     return report
 
 
