@@ -231,3 +231,17 @@ def test_a_closed_pipe_is_not_an_error(monkeypatch, capsys):
     monkeypatch.setattr("sys.stdout", ClosedPipe())
     assert main(["models"]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_a_closed_pipe_is_not_an_error_when_stdout_is_unbuffered():
+    # PYTHONUNBUFFERED leaves nothing to flush, so only the pipe can tell that its reader left.
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before vitkit prints a line
+    run = subprocess.run([sys.executable, "-m", "vitkit", "info", "ViT-B/16"], stdout=write_end,
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    os.close(write_end)
+    assert run.returncode == 0 and run.stderr == ""

@@ -493,6 +493,8 @@ def _is_first_process() -> bool:
 
 
 def _stdout_is_closed() -> bool:
+    """Whether stdout's reader went away. An unbuffered stdout (PYTHONUNBUFFERED) holds nothing to
+    flush, so only the pipe itself can say: its write end polls as an error once the reader closed."""
     try:
         sys.stdout.write("")
         sys.stdout.flush()
@@ -500,7 +502,14 @@ def _stdout_is_closed() -> bool:
         return True
     except (OSError, ValueError):
         return False
-    return False
+    try:
+        import select
+
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (captured), or no poll
+        return False
 
 
 def _rank_label() -> str:
