@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pytest
@@ -124,6 +125,24 @@ def test_pretrain_bad_arguments(tmp_path):
     assert main(["pretrain", "--model", "vit_nonexistent", "--out", str(tmp_path / "r")]) == 2
     with pytest.raises(vitkit.VitkitError, match="mask-ratio"):
         pretrain_mae(model=ViTConfig(**TINY), out=tmp_path / "r", mask_ratio=1.0)
+    for kwargs, named in ((dict(decoder_heads=0), "--decoder-heads must be at least 1 (got 0)"),
+                          (dict(decoder_dim=0), "--decoder-dim must be at least 1"),
+                          (dict(decoder_depth=-1), "--decoder-depth must be at least 1"),
+                          (dict(max_train=0), "--max-train must be at least 1"),
+                          (dict(decoder_dim=30, decoder_heads=4), "--decoder-dim 30 must divide"),
+                          (dict(lr=-1.0), "--lr must be positive"), (dict(lr=float("nan")), "--lr must be positive"),
+                          (dict(warmup_epochs=-3), "--warmup-epochs must be at least 0")):
+        with pytest.raises(vitkit.VitkitError, match=re.escape(named)):
+            pretrain_mae(model=ViTConfig(**TINY), out=tmp_path / "r", **kwargs)
+    assert not (tmp_path / "r").exists()
+
+
+def test_pretraining_a_classifier_drops_its_head(tmp_path):
+    _write_folder(tmp_path / "data")
+    classifier = vitkit.create_model(ViTConfig(**{**TINY, "num_classes": 5}))
+    result = pretrain_mae(model=classifier, out=tmp_path / "r", data=str(tmp_path / "data"), epochs=1,
+                          batch_size=16, decoder_depth=1, decoder_dim=32, device="cpu", log=False)
+    assert vitkit.load_pretrained(result.run_dir).config.num_classes == 0
 
 
 @pytest.mark.parametrize("kind", ["folder", "zip"])

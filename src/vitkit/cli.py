@@ -463,7 +463,8 @@ def _run_pretrain(args: argparse.Namespace) -> int:
         try:
             model = resolve(args.model).replace(num_classes=0, **overrides)
         except ValueError as error:
-            raise VitkitError(f"--model: {error}") from None
+            given = " with " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in overrides.items()) if overrides else ""
+            raise VitkitError(f"--model {args.model}{given}: {error}") from None
     result = pretrain_mae(model=model, out=args.out, data=args.data, epochs=args.epochs, batch_size=args.batch_size,
                           lr=args.lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
                           mask_ratio=args.mask_ratio, decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth,

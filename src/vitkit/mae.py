@@ -267,6 +267,18 @@ def pretrain_mae(*, model: str | ViTConfig | VisionTransformer | None = None, ou
         raise VitkitError(f"--epochs must be at least 1 (got {epochs})")
     if not 0.0 < mask_ratio < 1.0:
         raise VitkitError(f"--mask-ratio must lie in (0, 1) (got {mask_ratio})")
+    for flag, value, least in (("--batch-size", batch_size, 1), ("--decoder-dim", decoder_dim, 1),
+                               ("--decoder-depth", decoder_depth, 1), ("--decoder-heads", decoder_heads, 1),
+                               ("--max-train", 1 if max_train is None else max_train, 1)):
+        if value < least:
+            raise VitkitError(f"{flag} must be at least {least} (got {value})")
+    if decoder_dim % decoder_heads:
+        raise VitkitError(f"--decoder-dim {decoder_dim} must divide into --decoder-heads {decoder_heads}")
+    if not lr > 0:  # NaN fails too
+        raise VitkitError(f"--lr must be positive (got {lr})")
+    for flag, value in (("--weight-decay", weight_decay), ("--warmup-epochs", warmup_epochs)):
+        if not value >= 0:
+            raise VitkitError(f"{flag} must be at least 0 (got {value})")
     if state is not None and epochs < state["progress"]["epoch"]:
         raise VitkitError(f"--epochs {epochs}: the run in {run_dir} has already done {state['progress']['epoch']}")
     torch.manual_seed(seed)
@@ -275,6 +287,8 @@ def pretrain_mae(*, model: str | ViTConfig | VisionTransformer | None = None, ou
         encoder = load_pretrained(run_dir / "last")
     elif isinstance(model, VisionTransformer):
         encoder = model
+        if encoder.config.num_classes:  # a classifier's head: MAE trains none, and a stale one would be saved
+            encoder.reset_classifier(0)
     else:
         overrides: dict[str, Any] = {"num_classes": 0}  # MAE trains no classifier; fine-tuning adds one
         if img_size is not None:
