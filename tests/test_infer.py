@@ -167,3 +167,15 @@ def test_a_run_directory_without_checkpoints_says_so(tmp_path, capsys):
     (run / "config.json").write_text(json.dumps({"model": "vit_cifar", "epochs": 3}))
     assert main(["eval", str(run)]) == 2
     assert "a training run with no checkpoint yet" in capsys.readouterr().err
+
+
+def test_a_one_channel_model_is_refused_in_one_line_by_every_image_command(dataset, tmp_path, capsys):
+    gray = create_model(ViTConfig(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2, mlp_dim=32,
+                                  num_classes=3, in_chans=1))
+    path = save_pretrained(gray, tmp_path / "gray")
+    image = next((dataset / "val" / "a_red").iterdir())
+    for args in (["predict", str(path), str(image)], ["eval", str(path), "--data", str(dataset)],
+                 ["explain", str(image), "--model", str(path), "--out", str(tmp_path / "x")]):
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert "1-channel images" in err and "\n" not in err

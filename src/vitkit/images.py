@@ -126,6 +126,15 @@ def preprocess(image: Image.Image, preprocessing: Preprocessing) -> Tensor:
     return (x - mean) / std
 
 
+def require_rgb(model, *, what: str) -> None:
+    """Refuse, in one line, a model that takes other than 3 channels: every image vitkit reads
+    becomes RGB (weights of a 1-channel model load, convert and export, but cannot see files)."""
+    channels = model.config.in_chans
+    if channels != 3:
+        raise VitkitError(f"{what}: the model takes {channels}-channel images, and vitkit reads images as RGB "
+                          "(3 channels); feed it tensors from your own pipeline instead")
+
+
 def list_images(inputs: list[str | Path]) -> list[Path]:
     """Expand files, folders (recursively, image suffixes only) and glob patterns (a folder the
     pattern matches is expanded too), in order. A name, folder or pattern that yields nothing is

@@ -10,7 +10,7 @@ import torch
 
 from .data import BatchLoader, build_eval_loader
 from .errors import VitkitError
-from .images import ImageReadError, preprocess, read_image
+from .images import ImageReadError, preprocess, read_image, require_rgb
 from .model import VisionTransformer
 
 
@@ -125,6 +125,7 @@ def evaluate_source(model: VisionTransformer, *, source: str, data: str | None, 
                     strict: bool = False, workers: int = 0) -> dict[str, Any]:
     """`vitkit eval`: evaluate `model` (loaded from `source`) on a split of `data` with the
     model's own preprocessing; with `out`, write metrics.json and confusion.png there."""
+    require_rgb(model, what=f"eval {source}")
     device = resolve_device(device)
     # Labelled by the model's class names, a split that holds only some of the classes still scores.
     loader, data_classes, skipped = build_eval_loader(data, preprocessing=model.preprocessing, batch_size=batch_size,
@@ -151,6 +152,7 @@ def predict(model: VisionTransformer, paths: list[str | Path], *, top_k: int = 5
     or {"path", "error"} for a file that cannot be read; one bad file never stops the others."""
     if top_k < 1:
         raise VitkitError(f"--top-k must be at least 1 (got {top_k})")
+    require_rgb(model, what="predict")
     device = resolve_device(device)
     model = model.to(device).eval()
     names = label_names(model)

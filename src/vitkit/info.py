@@ -15,14 +15,14 @@ def describe(model: VisionTransformer) -> str:
     lines = [
         f"{name}: {_millions(params['total'])} parameters, {flops['total'] / 1e9:.3g} GFLOPs per image "
         f"at {c.img_size[0]}x{c.img_size[1]}",
-        f"  patches      {c.patch_size[0]}x{c.patch_size[1]} px -> grid {c.grid_size[0]}x{c.grid_size[1]} = {c.num_patches} patches",
+        f"  patches      {_patches(c)} -> grid {c.grid_size[0]}x{c.grid_size[1]} = {c.num_patches} patches",
         f"  tokens       {c.num_patches + c.num_prefix_tokens} ({c.num_prefix_tokens} prefix: "
         f"class={int(c.class_token)}, distill={int(c.distill_token)}, registers={c.reg_tokens})",
         f"  width D      {c.embed_dim}",
         f"  depth L      {c.depth}",
         f"  heads        {c.num_heads} x {c.head_dim}",
         f"  MLP size     {c.mlp_dim}",
-        f"  pooling      {'[class] token' if c.global_pool == 'token' else 'mean of patch tokens'}",
+        f"  pooling      {_pooling(c)}",
         f"  classes      {c.num_classes}" + (f" ({', '.join(model.class_names[:5])}{', ...' if len(model.class_names) > 5 else ''})"
                                             if model.class_names else ""),
         "",
@@ -34,6 +34,21 @@ def describe(model: VisionTransformer) -> str:
         lines.append(f"  {component:<14}{count:>14,}{flops.get(component, 0) / 1e9:>10.3f}")
     lines.append(f"  {'total':<14}{params['total']:>14,}{flops['total'] / 1e9:>10.3f}")
     return "\n".join(lines)
+
+
+def _patches(c) -> str:
+    """The pixels each token covers; a hybrid's stem reduces them first (R50: 16 px, 1x1 patches)."""
+    pixels = f"{c.stem_stride[0]}x{c.stem_stride[1]} px"
+    if c.hybrid_stem:
+        return f"{pixels} (a {c.patch_size[0]}x{c.patch_size[1]} patch of the stem's feature map)"
+    return pixels
+
+
+def _pooling(c) -> str:
+    if c.global_pool != "token":
+        return "mean of patch tokens"
+    # DeiT's distilled models average the heads on the [class] and [dist] tokens at inference.
+    return "[class] and [dist] tokens (mean of two heads)" if c.distill_token else "[class] token"
 
 
 def _millions(count: int) -> str:

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from .checkpoint import load_train_state, recover, restore_rng, rng_state, save_checkpoint
 from .errors import CheckpointError, VitkitError
+from .images import require_rgb
 from .mixup import mix_batch
 from .model import VisionTransformer
 from .optim import build_optimizer, lr_at, set_lr
@@ -578,6 +579,7 @@ def _train(config: TrainConfig, dist: _Dist) -> dict[str, Any]:
     num_classes = len(data.class_names)
     torch.manual_seed(cfg.seed)
     raw = _build_model(build, num_classes=num_classes, class_names=list(data.class_names))
+    require_rgb(raw, what="train")
     raw.class_names = list(data.class_names)
     raw.preprocessing = data.preprocessing
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..errors import VitkitError
-from ..images import ImageReadError, list_images, preprocess, read_image
+from ..images import ImageReadError, list_images, preprocess, read_image, require_rgb
 from ..model import VisionTransformer
 from . import analysis, figures
 
@@ -56,6 +56,7 @@ def explain(*, images: list[str | Path], model: VisionTransformer, out_dir: str 
     heads (mean, max, min). discard_ratio: fraction of each row's weakest attention dropped before
     rollout. top_k: predictions shown per image. source: how the model was named, for the report.
     """
+    require_rgb(model, what="explain")
     if fusion not in analysis.FUSIONS:
         raise VitkitError(f"--rollout-fusion must be one of {', '.join(analysis.FUSIONS)}, got {fusion!r}")
     if not 0.0 <= discard_ratio < 1.0:
@@ -215,7 +216,8 @@ def _render(*, model: VisionTransformer, source: str, images: list[_ImageFigures
                  f"normalise; shown here un-normalised) and cut into a {grid[0]}x{grid[1]} grid of "
                  f"{P}x{Q}-pixel patches. Flattened in raster order they form the sequence; "
                  f"{len(_token_names(model))} learned prefix token(s) ({html.escape(', '.join(_token_names(model)) or 'none')}) "
-                 "come first, and a learned position embedding is added to every token.</p>")
+                 "come first, and a learned position embedding is added to "
+                 f"{'every token' if model.config.prefix_pos_embed or not _token_names(model) else 'every patch token (the prefix tokens get none)'}.</p>")
     for item in images:
         parts.append(f"<h3>{html.escape(item.name)}</h3>")
         parts.append(_img(item.png["grid"], f"{item.name} with its patch grid",
