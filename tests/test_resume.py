@@ -201,3 +201,42 @@ def test_rng_states_of_mae_checkpoints_from_before_the_shared_format_still_resto
             torch.manual_seed(99)
             restore_rng(state, cpu)
             assert torch.equal(torch.rand(8), expected)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(epochs=0), "--epochs must be at least 1"),
+    (dict(epochs=2), "--epochs 2: the run in .* has already trained 3 epochs"),
+    (dict(checkpoint_every=-1), "--checkpoint-every must be at least 1"),
+    (dict(workers=-1), "--workers must be 0 or more"),
+    (dict(out="elsewhere"), "--out elsewhere: a resumed run continues in its own directory"),
+])
+def test_changes_on_resume_are_checked_before_they_are_saved(reference, changes, message):
+    ref_dir, _ = reference
+    before = (ref_dir / "config.json").read_text()
+    with pytest.raises(VitkitError, match=message):
+        train(TrainConfig(resume=str(ref_dir), progress=False, **changes))
+    assert (ref_dir / "config.json").read_text() == before
+
+
+def test_empty_paths_seeds_and_a_lone_best_checkpoint_are_guarded(shapes, tmp_path, reference):
+    for field in ("resume", "init", "distill_from"):
+        with pytest.raises(VitkitError, match="an empty path"):
+            train(tiny_config(shapes, tmp_path / "r", **{field: ""}))
+    with pytest.raises(VitkitError, match="--out '': an empty path"):
+        train(tiny_config(shapes, ""))
+    for seed in (-1, 2 ** 70):
+        with pytest.raises(VitkitError, match=r"--seed must lie in \[0, 2\^63\)"):
+            train(tiny_config(shapes, tmp_path / "r", seed=seed))
+    import shutil
+
+    ref_dir, _ = reference
+    shutil.copytree(ref_dir / "best", tmp_path / "kept" / "best")  # a checkpoint the user put there
+    with pytest.raises(VitkitError, match="already holds a training run"):
+        train(tiny_config(shapes, tmp_path / "kept", epochs=1))
+
+
+def test_init_with_a_model_of_another_architecture_is_refused(shapes, tmp_path, reference):
+    ref_dir, _ = reference
+    with pytest.raises(VitkitError, match="--model ViT-B/16: --init .* holds another architecture"):
+        train(TrainConfig(data=str(shapes), init=str(ref_dir), model="ViT-B/16", out=str(tmp_path / "r"),
+                          epochs=1, batch_size=16, progress=False))

@@ -56,7 +56,7 @@ def load_or_create(source: str, *, model: str | None = None) -> VisionTransforme
     if Path(source).exists() or source.startswith("hf-hub:"):
         loaded = load_pretrained(source, model=model)
         if model is not None:
-            _check_named_model(loaded.config, model, source)
+            check_named_model(loaded.config, model, source)
         return loaded
     try:
         resolve(source)
@@ -65,10 +65,10 @@ def load_or_create(source: str, *, model: str | None = None) -> VisionTransforme
     return create_model(source)
 
 
-def _check_named_model(config: ViTConfig, model: str, source: str) -> None:
-    """--model beside a file that says its own architecture must agree with it: silently using
-    the file's would answer another question than the one asked."""
-    named = resolve(model)
+def check_named_model(config: ViTConfig, model: str, source: str, *, overrides: dict[str, Any] | None = None) -> None:
+    """--model (with its ViTConfig `overrides`) beside a file that says its own architecture must
+    agree with it: silently using the file's would answer another question than the one asked."""
+    named = resolve(model).replace(**(overrides or {}))
     fields = ("embed_dim", "depth", "num_heads", "mlp_dim", "patch_size")
     differ = [f"{k}={getattr(config, k)} (not {getattr(named, k)})" for k in fields if getattr(config, k) != getattr(named, k)]
     if differ:

@@ -222,6 +222,8 @@ def check_values(resolved: TrainConfig) -> None:
         raise VitkitError(f"--ema must lie in (0, 1), e.g. 0.999 (got {resolved.ema})")
     if resolved.ema is not None and resolved.fsdp:
         raise VitkitError("--ema with --fsdp is not supported: the EMA would need the full weights on every rank")
+    if resolved.seed is not None and not 0 <= resolved.seed < 2 ** 63:
+        raise VitkitError(f"--seed must lie in [0, 2^63) (got {resolved.seed})")
     if resolved.checkpoint_every is not None and resolved.checkpoint_every < 1:
         raise VitkitError(f"--checkpoint-every must be at least 1 step (got {resolved.checkpoint_every})")
 
@@ -292,6 +294,10 @@ def _barrier(dist: _Dist) -> None:
 # ---------------------------------------------------------------------------- run directory
 def _prepare_run(config: TrainConfig) -> tuple[TrainConfig, Path, dict[str, Any] | None]:
     """Resolve the config and the run directory; on --resume, read the saved config and state."""
+    for flag, value in (("--resume", config.resume), ("--init", config.init), ("--distill-from", config.distill_from),
+                        ("--out", config.out), ("--data", config.data)):
+        if value is not None and not str(value).strip():
+            raise VitkitError(f"{flag} '': an empty path (an unset variable?)")
     if config.resume:
         run_dir = Path(config.resume)
         config_file = run_dir / RUN_CONFIG
@@ -307,6 +313,9 @@ def _prepare_run(config: TrainConfig) -> tuple[TrainConfig, Path, dict[str, Any]
             raise VitkitError(f"{config_file}: {error}") from None
         if config.fsdp and saved.ema is not None:
             raise VitkitError("--fsdp: this run keeps an EMA of the weights, which FSDP does not support")
+        if config.out is not None and Path(config.out).resolve() != run_dir.resolve():
+            raise VitkitError(f"--out {config.out}: a resumed run continues in its own directory {run_dir}; "
+                              "leave --out out")
         for key, value in _absolute_paths(config).to_dict().items():
             if key in _RESUMABLE_CHANGES or value is None or value == getattr(saved, key):
                 continue
@@ -317,19 +326,24 @@ def _prepare_run(config: TrainConfig) -> tuple[TrainConfig, Path, dict[str, Any]
                 setattr(saved, key, getattr(config, key))
         saved.compile = saved.compile or config.compile  # a flag: leaving it out does not turn it off
         saved.resume = str(run_dir)
+        check_values(saved)  # the changed settings too, before any of them reaches config.json
         recover(run_dir)
         if not (run_dir / "last").exists():
             # Stopped before its first checkpoint: nothing was learnt yet, so it starts again from step 0.
             print(f"--resume {run_dir}: no checkpoint yet; starting the run from the beginning", file=sys.stderr)
             return saved, run_dir, None
-        return saved, run_dir, load_train_state(run_dir)
+        state = load_train_state(run_dir)
+        done = state.get("progress", {}).get("epoch", 0)
+        if config.epochs is not None and config.epochs < done:
+            raise VitkitError(f"--epochs {config.epochs}: the run in {run_dir} has already trained {done} epochs")
+        return saved, run_dir, state
     resolved = resolve_config(config)
     if resolved.out:
         run_dir = Path(resolved.out)
     else:
         name = (resolved.model or Path(str(resolved.init)).name or "model").replace("/", "_").replace(":", "_")
         run_dir = Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"
-    if (run_dir / "last").exists() or (run_dir / RUN_CONFIG).exists():
+    if any((run_dir / name).exists() for name in ("last", "best", RUN_CONFIG)):
         raise VitkitError(f"--out {run_dir}: already holds a training run; continue it with --resume {run_dir} "
                           "or choose another directory")
     resolved.out = str(run_dir)
@@ -422,7 +436,9 @@ def _build_model(config: TrainConfig, *, num_classes: int, class_names: list[str
     try:
         return create_model(config.model or "vit_cifar", num_classes=num_classes, **overrides)
     except ValueError as error:
-        raise VitkitError(f"--model {config.model}: {error}") from None
+        given = [f"--{flag.replace('_', '-')} {getattr(config, flag)}" for flag in ("patch_size", "img_size")
+                 if getattr(config, flag)]
+        raise VitkitError(f"{', '.join([f'--model {config.model}'] + given)}: {error}") from None
 
 
 def _init_preprocessing(config: TrainConfig):
@@ -533,6 +549,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
     except torch.OutOfMemoryError:
         raise VitkitError(f"out of GPU memory at --batch-size {config.batch_size}: use a smaller --batch-size, "
                           "--grad-accum N to keep the effective batch, or --grad-checkpointing") from None
+    except RuntimeError as error:
+        if "can't allocate memory" not in str(error):  # the CPU's out-of-memory error has no type of its own
+            raise
+        raise VitkitError(f"out of memory at --batch-size {config.batch_size}"
+                          + (f", --img-size {config.img_size}" if config.img_size else "")
+                          + ": use a smaller batch or image size, or --grad-accum N") from None
     finally:
         if dist.world_size > 1:
             import torch.distributed as tdist
@@ -580,6 +602,14 @@ def _train(config: TrainConfig, dist: _Dist) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     raw = _build_model(build, num_classes=num_classes, class_names=list(data.class_names))
     require_rgb(raw, what="train")
+    if cfg.init and cfg.model and resume_state is None:
+        from .pretrained import check_named_model
+
+        shape = {k: v for k, v in (cfg.model_overrides or {}).items()
+                 if k in ("embed_dim", "depth", "num_heads", "mlp_dim", "patch_size")}
+        if cfg.patch_size:
+            shape["patch_size"] = cfg.patch_size
+        check_named_model(raw.config, cfg.model, f"--init {cfg.init}", overrides=shape)
     raw.class_names = list(data.class_names)
     raw.preprocessing = data.preprocessing
 
@@ -623,7 +653,7 @@ def _train(config: TrainConfig, dist: _Dist) -> dict[str, Any]:
 
     steps_per_epoch = math.ceil(len(data.train) / cfg.grad_accum)
     total_steps = steps_per_epoch * cfg.epochs
-    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    warmup_steps = round(min(cfg.warmup_epochs, cfg.epochs) * steps_per_epoch)  # a warm-up past the end is all warm-up
     progress = {"epoch": 0, "batch": 0, "step": 0, "best_acc": -1.0, "best_epoch": -1, "skipped_steps": 0,
                 "train_time": 0.0, "images": 0}
     if resume_state is not None:
