@@ -326,3 +326,18 @@ def test_init_carries_the_sources_normalisation_and_interpolation(trained_run, t
     train(tiny_config(shapes, tmp_path / "ft", init=str(tmp_path / "source"), epochs=1, max_train=24))
     tuned = vitkit.load_pretrained(tmp_path / "ft" / "last").preprocessing
     assert tuned.interpolation == "bilinear" and tuned.mean == (0.4, 0.4, 0.4)
+
+
+def test_plots_leave_the_callers_matplotlib_backend_alone(trained_run):
+    import matplotlib
+
+    from vitkit.plots import plot_run
+
+    out, _ = trained_run
+    before = matplotlib.get_backend()
+    matplotlib.use("pdf")  # as a notebook or GUI would have its own
+    try:
+        paths = plot_run(out)
+        assert matplotlib.get_backend() == "pdf" and all(p.stat().st_size > 1000 for p in paths)
+    finally:
+        matplotlib.use(before)

@@ -162,10 +162,7 @@ def draw_reconstructions(mae: MaskedAutoencoder, images: Tensor, *, path: str | 
                          mean: tuple[float, ...], std: tuple[float, ...], seed: int = 0) -> Path:
     """A PNG with one row per image: original | masked (hidden patches grey) | reconstruction
     (the decoder's hidden patches, de-normalised with the true patch statistics, plus the visible ones)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: the caller's backend stays as it is
 
     config = mae.encoder.config
     was_training = mae.training
@@ -190,7 +187,8 @@ def draw_reconstructions(mae: MaskedAutoencoder, images: Tensor, *, path: str | 
 
     columns = [("original", show(images)), ("masked", show(masked)), ("reconstruction", show(recon))]
     rows = images.shape[0]
-    fig, axes = plt.subplots(rows, 3, figsize=(6, 2 * rows), squeeze=False)
+    fig = Figure(figsize=(6, 2 * rows))
+    axes = fig.subplots(rows, 3, squeeze=False)
     for r in range(rows):
         for c, (title, pictures) in enumerate(columns):
             axes[r][c].imshow(pictures[r], interpolation="nearest")
@@ -201,7 +199,6 @@ def draw_reconstructions(mae: MaskedAutoencoder, images: Tensor, *, path: str | 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
-    plt.close(fig)
     return path
 
 

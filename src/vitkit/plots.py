@@ -9,10 +9,9 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     """Draw the curves of RUN/metrics.jsonl into RUN/{loss,accuracy,lr}.png; return their paths.
     Per-step values are drawn thin, per-epoch values as marked lines, against the optimiser step."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        # The Figure API, not pyplot: nothing here changes the backend of a notebook or GUI
+        # the caller runs in, and no figure is left registered with pyplot.
+        from matplotlib.figure import Figure
     except ImportError as error:
         raise ImportError("plots need matplotlib: pip install matplotlib") from error
     from .train import METRICS_FILE, read_metrics
@@ -34,7 +33,8 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     }
     written = []
     for filename, (ylabel, lines) in figures.items():
-        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+        fig = Figure(figsize=(7, 4.2), dpi=110)
+        ax = fig.subplots()
         for rows, key, label, width in lines:
             x, y = series(rows, key)
             if x:
@@ -51,7 +51,6 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         fig.tight_layout()
         path = run_dir / filename
         atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-        plt.close(fig)
         written.append(path)
     return written
 
