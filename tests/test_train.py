@@ -341,3 +341,11 @@ def test_plots_leave_the_callers_matplotlib_backend_alone(trained_run):
         assert matplotlib.get_backend() == "pdf" and all(p.stat().st_size > 1000 for p in paths)
     finally:
         matplotlib.use(before)
+
+
+def test_the_model_a_run_builds_is_the_one_it_records():
+    from vitkit.train import resolve_config
+
+    for recipe in ("finetune", "deit"):  # recipes without a model of their own
+        assert resolve_config(TrainConfig(recipe=recipe)).model == "vit_cifar"
+    assert resolve_config(TrainConfig(init="some-run")).model is None  # the checkpoint says it

@@ -164,6 +164,8 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     for key, value in _FALLBACK.items():
         if values.get(key) is None:
             values[key] = value
+    if values["model"] is None and not config.init:
+        values["model"] = "vit_cifar"  # a recipe without a model of its own (finetune, deit): recorded, not implied
     if values.get("distill_alpha") is None:
         # DeiT: hard distillation weighs labels and teacher equally; soft uses lambda = 0.1 (with tau = 3).
         values["distill_alpha"] = 0.1 if values["distill_type"] == "soft" else 0.5
@@ -434,7 +436,7 @@ def _build_model(config: TrainConfig, *, num_classes: int, class_names: list[str
     if config.img_size:
         overrides["img_size"] = config.img_size
     try:
-        return create_model(config.model or "vit_cifar", num_classes=num_classes, **overrides)
+        return create_model(config.model, num_classes=num_classes, **overrides)
     except ValueError as error:
         given = [f"--{flag.replace('_', '-')} {getattr(config, flag)}" for flag in ("patch_size", "img_size")
                  if getattr(config, flag)]
