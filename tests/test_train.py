@@ -349,3 +349,12 @@ def test_the_model_a_run_builds_is_the_one_it_records():
     for recipe in ("finetune", "deit"):  # recipes without a model of their own
         assert resolve_config(TrainConfig(recipe=recipe)).model == "vit_cifar"
     assert resolve_config(TrainConfig(init="some-run")).model is None  # the checkpoint says it
+
+
+def test_a_missing_init_or_teacher_names_its_flag(shapes, tmp_path, capsys):
+    for flag in ("--init", "--distill-from"):
+        assert main(["train", "--data", str(shapes), flag, str(tmp_path / "nowhere"), "--out", str(tmp_path / "r"),
+                     "--epochs", "1", "--batch-size", "16", "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"error: {flag}: {tmp_path / 'nowhere'}: no such file" in err and "\n" not in err
+        assert not (tmp_path / "r").exists()

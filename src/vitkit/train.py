@@ -413,7 +413,10 @@ def _build_model(config: TrainConfig, *, num_classes: int, class_names: list[str
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the replaced head is intended, not news
-            model = load_pretrained(config.init, model=config.model, drop_path_rate=config.drop_path)
+            try:
+                model = load_pretrained(config.init, model=config.model, drop_path_rate=config.drop_path)
+            except VitkitError as error:
+                raise VitkitError(f"--init: {error}") from None
         if config.patch_size and (config.patch_size, config.patch_size) != model.config.patch_size:
             raise VitkitError(f"--patch-size {config.patch_size}: --init {config.init} has {model.config.patch_size} "
                               "patches, and pre-trained patch embeddings cannot change size")
@@ -449,7 +452,10 @@ def _init_preprocessing(config: TrainConfig):
         return None
     from .pretrained import read_checkpoint
 
-    _, _, extras = read_checkpoint(config.init)
+    try:
+        _, _, extras = read_checkpoint(config.init)
+    except VitkitError as error:
+        raise VitkitError(f"--init: {error}") from None
     return extras.get("preprocessing")
 
 
@@ -649,7 +655,10 @@ def _train(config: TrainConfig, dist: _Dist) -> dict[str, Any]:
     if cfg.distill_from:
         from .distill import check_teacher_classes, load_teacher
 
-        teacher = load_teacher(cfg.distill_from, num_classes=num_classes, device=device)
+        try:
+            teacher = load_teacher(cfg.distill_from, num_classes=num_classes, device=device)
+        except VitkitError as error:
+            raise VitkitError(error if str(error).startswith("--distill-from") else f"--distill-from: {error}") from None
         check_teacher_classes(teacher, list(data.class_names), source=f"--distill-from {cfg.distill_from}")
     train_model = torch.compile(wrapped) if cfg.compile else wrapped
 
