@@ -159,7 +159,7 @@ def test_nan_loss_stops_with_the_step_and_remedies(shapes, tmp_path, monkeypatch
     with pytest.raises(TrainingDiverged) as error:
         train(tiny_config(shapes, out, batch_size=8, checkpoint_every=1))
     message = str(error.value)
-    assert "loss became nan at step 4" in message and "lower --lr" in message and "--clip-grad" in message
+    assert "loss became nan at step 4" in message and "lower --lr" in message and "--clip-grad" not in message  # the recipe already clips
     assert str(out / "last") in message and "\n" not in message
     # The last good checkpoint (step 3) is kept and resumable.
     assert torch.load(out / "last" / "train_state.pt", weights_only=True)["progress"]["step"] == 3
@@ -265,3 +265,22 @@ def test_a_real_failed_write_keeps_the_previous_checkpoint(tmp_path, with_state)
         signal.signal(signal.SIGXFSZ, old_handler)
     assert (tmp_path / "last" / WEIGHTS_FILE).read_bytes() == before
     assert not (tmp_path / ".last.tmp").exists()
+
+
+def test_a_full_disk_under_the_metrics_log_names_the_file(tmp_path):
+    import errno
+
+    from vitkit.train import _MetricsLog
+
+    log = _MetricsLog(tmp_path / "metrics.jsonl", keep_until_step=None, enabled=True)
+
+    class Full:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            pass
+
+    log.handle = Full()
+    with pytest.raises(VitkitError, match=r"metrics.jsonl: cannot be written \(the disk is full\)"):
+        log.write({"kind": "step"})

@@ -87,8 +87,8 @@ def save_checkpoint(run_dir: str | Path, *, tag: str, model: VisionTransformer,
         _fsync_dir(tmp)
     except (OSError, RuntimeError, SafetensorError) as error:
         # torch.save and safetensors report a failed write as RuntimeError / SafetensorError, not OSError.
+        reason = write_failure(error, where=run_dir)  # before the partial files go, or the disk looks roomy
         shutil.rmtree(tmp, ignore_errors=True)
-        reason = _write_failure(error)
         kept = f"; the previous checkpoint {final} is kept" if final.exists() else ""
         raise CheckpointSaveError(f"could not save the checkpoint {final}: {reason}{kept}") from None
     if final.exists():
@@ -99,13 +99,23 @@ def save_checkpoint(run_dir: str | Path, *, tag: str, model: VisionTransformer,
     return final
 
 
-def _write_failure(error: BaseException) -> str:
+def write_failure(error: BaseException, *, where: str | Path | None = None) -> str:
+    """Why a write failed, in a few words (`where`: a path on the disk written to)."""
     text = str(error)
     if getattr(error, "errno", None) == errno.ENOSPC or "No space left" in text or "StorageFull" in text:
         return "the disk is full"
+    if where is not None and "unexpected pos" in text and _nearly_full(where):
+        return "the disk is full"  # torch.save's zip writer words a short write so
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
     return text.strip().splitlines()[0][:200] if text.strip() else type(error).__name__
+
+
+def _nearly_full(path: str | Path) -> bool:
+    try:
+        return shutil.disk_usage(Path(path)).free < 64 * 2 ** 20
+    except OSError:
+        return False
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:

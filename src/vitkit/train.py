@@ -373,8 +373,13 @@ class _MetricsLog:
 
     def write(self, record: dict[str, Any]) -> None:
         if self.handle:
-            self.handle.write(json.dumps(record) + "\n")
-            self.handle.flush()
+            try:
+                self.handle.write(json.dumps(record) + "\n")
+                self.handle.flush()
+            except OSError as error:  # a full disk: say which file, the checkpoints are not touched
+                from .checkpoint import write_failure
+
+                raise VitkitError(f"{self.path}: cannot be written ({write_failure(error, where=self.path.parent)})") from None
 
     def close(self) -> None:
         if self.handle:
@@ -750,7 +755,7 @@ def _train(config: TrainConfig, dist: _Dist) -> dict[str, Any]:
             for value, batch in group:
                 if not math.isfinite(value):
                     raise TrainingDiverged(_diverged_message(value, record["step"], record["epoch"], batch, run_dir,
-                                                             precision), step=record["step"])
+                                                             precision, cfg.clip_grad), step=record["step"])
             loss = sum(value / len(group) for value, _ in group)
             acc = correct / max(count, 1.0)
             log.write({"kind": "step", "step": record["step"] + 1, "epoch": record["epoch"],
@@ -887,10 +892,11 @@ def _read_back_every(device: torch.device) -> int:
     return 1 if device.type == "cpu" else 16
 
 
-def _diverged_message(value: float, step: int, epoch: int, batch: int, run_dir: Path, precision: str) -> str:
+def _diverged_message(value: float, step: int, epoch: int, batch: int, run_dir: Path, precision: str,
+                      clip_grad: float | None) -> str:
     kept = f"the last good checkpoint {run_dir / 'last'} is kept" if (run_dir / "last").exists() \
         else "no checkpoint had been written yet"
-    remedy = "a lower --lr, --clip-grad 1.0"
+    remedy = "a lower --lr" + (", --clip-grad 1.0" if clip_grad is None else "")
     remedy += ", or --precision bf16 instead of fp16" if precision == "fp16" else ", or a longer --warmup-epochs"
     return (f"the loss became {value} at step {step + 1} (epoch {epoch + 1}, batch {batch + 1}); {kept}; "
             f"try {remedy}")
