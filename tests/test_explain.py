@@ -259,6 +259,7 @@ def test_explain_missing_image_names_the_file(tmp_path, capsys):
     assert main(["explain", str(missing), "--model", str(tmp_path / "model"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert str(missing) in err and "\n" not in err
+    assert not (tmp_path / "o").exists()  # no model figures without a report
 
 
 def test_explain_reports_a_broken_image_and_explains_the_rest(tmp_path, capsys):

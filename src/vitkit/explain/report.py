@@ -46,6 +46,15 @@ def _token_names(model: VisionTransformer) -> list[str]:
     return names + [f"[reg {i + 1}]" for i in range(config.reg_tokens)]
 
 
+def _why_unreadable(path: str | Path) -> str:
+    """What `read_image` says about a path that is not an image file."""
+    try:
+        read_image(path)
+    except ImageReadError as error:
+        return str(error)
+    return str(path)
+
+
 def explain(*, images: list[str | Path], model: VisionTransformer, out_dir: str | Path,
             fusion: str = "mean", discard_ratio: float = 0.0, top_k: int = 5,
             device: str | torch.device = "cpu", source: str = "") -> ExplainResult:
@@ -71,6 +80,9 @@ def explain(*, images: list[str | Path], model: VisionTransformer, out_dir: str 
         model = model.to(device).eval()
     except (RuntimeError, AssertionError) as error:
         raise VitkitError(f"--device {device}: {str(error).splitlines()[0]}") from None
+    if not any(Path(p).is_file() for p in paths):  # before any figure is written: no half-made report
+        first = _why_unreadable(paths[0])
+        raise VitkitError(f"no image to explain: {first}" + (f" (and {len(paths) - 1} more)" if len(paths) > 1 else ""))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = model.config
