@@ -300,3 +300,16 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert pixels.shape[:2] == (3000, 1200)
     assert pixels.reshape(-1, 3).std(axis=0).max() > 20  # text and figures, not one colour
     assert len(np.unique(pixels.reshape(-1, 3)[::97], axis=0)) > 50
+
+
+def test_grid_panels_of_non_square_patches_keep_the_patch_shape():
+    import numpy as np
+
+    from vitkit.explain import figures
+
+    # 16x8-pixel patches: a 3x10 grid on a 48x80 image; each cell must be drawn twice as tall as wide.
+    rollout = figures.draw_rollout(np.zeros((48, 80, 3)), np.arange(30.0), grid=(3, 10), title="t")
+    assert rollout.axes[1].get_aspect() == 2.0
+    maps = np.random.default_rng(0).random((2, 3, 30))
+    attention = figures.draw_class_attention(maps, grid=(3, 10), title="t", cell_aspect=2.0)
+    assert attention.axes[0].get_aspect() == 2.0

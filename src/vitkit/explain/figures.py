@@ -234,9 +234,10 @@ def draw_attention_distance(distance: np.ndarray, *, grid: tuple[int, int], patc
     return fig
 
 
-def draw_class_attention(maps: np.ndarray, *, grid: tuple[int, int], title: str) -> object:
+def draw_class_attention(maps: np.ndarray, *, grid: tuple[int, int], title: str, cell_aspect: float = 1.0) -> object:
     """Attention to every patch, one panel per layer (rows) and head (columns), each panel scaled
-    to its own maximum so weak layers stay visible. maps: (L, heads, N)."""
+    to its own maximum so weak layers stay visible. maps: (L, heads, N). cell_aspect: a patch's
+    height over its width, so that non-square patches keep the image's proportions."""
     L, heads, _ = maps.shape
     panels = maps.reshape(L, heads, grid[0], grid[1]).astype(np.float64)
     peak = panels.max(axis=(2, 3), keepdims=True)
@@ -245,7 +246,7 @@ def draw_class_attention(maps: np.ndarray, *, grid: tuple[int, int], title: str)
     width, height = _display_size(*mosaic.shape, min(11.0, 0.9 * max(L, heads) + 2.0))
     fig = _figure(width + 1.6, height + 1.0)
     ax = fig.add_subplot()
-    image = ax.imshow(mosaic, cmap=_colormap("inferno"), vmin=0, vmax=1, interpolation="nearest")
+    image = ax.imshow(mosaic, cmap=_colormap("inferno"), vmin=0, vmax=1, interpolation="nearest", aspect=cell_aspect)
     _panel_ticks(ax, rows=L, cols=heads, h=grid[0], w=grid[1], row_label="layer", col_label="head")
     fig.colorbar(image, ax=ax, shrink=0.8, label="attention / the panel's maximum")
     fig.suptitle(_fit_title(title, width + 1.6), fontsize=10)
@@ -274,7 +275,9 @@ def draw_rollout(image: np.ndarray, rollout: np.ndarray, *, grid: tuple[int, int
     axes = fig.subplots(1, 3)
     axes[0].imshow(image, interpolation="nearest")
     axes[0].set_title("input", fontsize=9)
-    shown = axes[1].imshow(heat, cmap="inferno", vmin=0, vmax=1, interpolation="nearest")
+    # Cells as tall and wide as the patches (16x8 patches are not squares), beside the image.
+    shown = axes[1].imshow(heat, cmap="inferno", vmin=0, vmax=1, interpolation="nearest",
+                           aspect=(H / grid[0]) / (W / grid[1]))
     axes[1].set_title("rollout on the patch grid", fontsize=9)
     smooth = _upsample(heat, (H, W))
     axes[2].imshow(image * (0.25 + 0.75 * smooth[..., None]), interpolation="bilinear")

@@ -152,7 +152,8 @@ def explain(*, images: list[str | Path], model: VisionTransformer, out_dir: str 
                                         figures.draw_patch_sequence(patches, prefix_names=_token_names(model)))
             who = "[class] token attention" if reads_class else f"mean patch-query attention ({no_class})"
             item.png["class_attention"] = save(f"{stem}-class_attention", figures.draw_class_attention(
-                cls_maps[:, b], grid=grid, title=f"{path.name}: {who} to each patch, per layer and head"))
+                cls_maps[:, b], grid=grid, title=f"{path.name}: {who} to each patch, per layer and head",
+                cell_aspect=stride[0] / stride[1]))
             what = "[class] token" if reads_class else f"mean over patch queries ({no_class})"
             item.png["rollout"] = save(f"{stem}-rollout", figures.draw_rollout(
                 display, rollout[b], grid=grid,
