@@ -118,6 +118,8 @@ def test_out_refuses_to_overwrite_a_run(shapes, reference):
     ref_dir, _ = reference
     with pytest.raises(VitkitError, match="--resume"):
         train(tiny_config(shapes, ref_dir, epochs=1))
+    with pytest.raises(VitkitError, match="holds a saved model; choose another directory"):  # not --resume RUN/best
+        train(tiny_config(shapes, ref_dir / "best", epochs=1))
 
 
 @pytest.mark.parametrize("change, message", [

@@ -346,6 +346,10 @@ def _prepare_run(config: TrainConfig) -> tuple[TrainConfig, Path, dict[str, Any]
         name = (resolved.model or Path(str(resolved.init)).name or "model").replace("/", "_").replace(":", "_")
         run_dir = Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"
     if any((run_dir / name).exists() for name in ("last", "best", RUN_CONFIG)):
+        from .pretrained import _is_model_config
+
+        if _is_model_config(run_dir / RUN_CONFIG):  # RUN/best, a saved model: not a run to --resume
+            raise VitkitError(f"--out {run_dir}: holds a saved model; choose another directory")
         raise VitkitError(f"--out {run_dir}: already holds a training run; continue it with --resume {run_dir} "
                           "or choose another directory")
     resolved.out = str(run_dir)
