@@ -313,3 +313,19 @@ def test_grid_panels_of_non_square_patches_keep_the_patch_shape():
     maps = np.random.default_rng(0).random((2, 3, 30))
     attention = figures.draw_class_attention(maps, grid=(3, 10), title="t", cell_aspect=2.0)
     assert attention.axes[0].get_aspect() == 2.0
+
+
+def test_a_distilled_models_maps_average_the_class_and_dist_rows():
+    import numpy as np
+
+    from vitkit.explain import analysis
+
+    rng = np.random.default_rng(0)
+    attentions = rng.random((2, 1, 3, 6, 6))  # (L, B, heads, T, T): [class], [dist], 4 patches
+    attentions /= attentions.sum(-1, keepdims=True)
+    both = analysis.class_attention(attentions, num_prefix=2, dist_token=True)
+    np.testing.assert_allclose(both, (attentions[..., 0, 2:] + attentions[..., 1, 2:]) / 2, rtol=1e-6)
+    np.testing.assert_allclose(analysis.class_attention(attentions, num_prefix=2), attentions[..., 0, 2:], rtol=1e-6)
+    matrix = analysis.rollout_matrix(attentions)
+    np.testing.assert_allclose(analysis.attention_rollout(attentions, num_prefix=2, dist_token=True),
+                               matrix[..., 0:2, 2:].mean(-2), rtol=1e-6)

@@ -152,22 +152,25 @@ def mean_attention_distance(attentions: np.ndarray, *, grid: tuple[int, int],
     return per_query.mean(axis=(1, 3)).astype(np.float32)  # (L, h)
 
 
-def _query_rows(matrix: np.ndarray, *, num_prefix: int, class_token: bool) -> np.ndarray:
+def _query_rows(matrix: np.ndarray, *, num_prefix: int, class_token: bool, dist_token: bool = False) -> np.ndarray:
     """From (..., T, T) matrices, the patch-key row that stands for "what the model looks at":
-    the [class] token's row, or without one the mean over patch queries (average pooling reads
-    every patch token equally). Returns (..., N)."""
+    the [class] token's row (averaged with the [dist] token's, right after it, for DeiT's distilled
+    models, whose prediction is the mean of the two heads), or without a class token the mean over
+    patch queries (average pooling reads every patch token equally). Returns (..., N)."""
     if class_token:
-        return matrix[..., 0, num_prefix:]
+        return matrix[..., 0:2 if dist_token else 1, num_prefix:].mean(axis=-2)
     return matrix[..., num_prefix:, num_prefix:].mean(axis=-2)
 
 
-def class_attention(attentions: np.ndarray, *, num_prefix: int, class_token: bool = True) -> np.ndarray:
+def class_attention(attentions: np.ndarray, *, num_prefix: int, class_token: bool = True,
+                    dist_token: bool = False) -> np.ndarray:
     """The [class] token's attention to each patch, per layer and head (the raw maps behind Fig. 6).
 
     Without a class token (average pooling), the mean attention of all patch queries. Returns
     (L, B, heads, N); a row sums to 1 less what went to prefix tokens.
     """
-    return _query_rows(attentions, num_prefix=num_prefix, class_token=class_token).astype(np.float32)
+    return _query_rows(attentions, num_prefix=num_prefix, class_token=class_token,
+                       dist_token=dist_token).astype(np.float32)
 
 
 def rollout_matrix(attentions: np.ndarray, *, fusion: str = "mean", discard_ratio: float = 0.0) -> np.ndarray:
@@ -204,12 +207,13 @@ def rollout_matrix(attentions: np.ndarray, *, fusion: str = "mean", discard_rati
 
 
 def attention_rollout(attentions: np.ndarray, *, num_prefix: int, class_token: bool = True,
-                      fusion: str = "mean", discard_ratio: float = 0.0) -> np.ndarray:
+                      fusion: str = "mean", discard_ratio: float = 0.0, dist_token: bool = False) -> np.ndarray:
     """The rollout map over patches (paper Fig. 6): the [class] token's row of `rollout_matrix`,
     or without a class token the mean over patch queries. Returns (B, N), N patch tokens in
     sequence order; reshape to the grid to draw it."""
     matrix = rollout_matrix(attentions, fusion=fusion, discard_ratio=discard_ratio)
-    return _query_rows(matrix, num_prefix=num_prefix, class_token=class_token).astype(np.float32)
+    return _query_rows(matrix, num_prefix=num_prefix, class_token=class_token,
+                       dist_token=dist_token).astype(np.float32)
 
 
 class TopPredictions(NamedTuple):

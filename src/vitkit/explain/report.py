@@ -88,10 +88,13 @@ def explain(*, images: list[str | Path], model: VisionTransformer, out_dir: str 
     config = model.config
     stride = config.stem_stride
     num_prefix = config.num_prefix_tokens
-    # The maps follow what the head reads: the [class] token, or (average pooling) every patch token.
+    # The maps follow what the head reads: the [class] token (and, in DeiT's distilled models, the
+    # [dist] token, whose head's logits are averaged with it), or (average pooling) every patch token.
     reads_class = config.global_pool == "token"
+    reads_dist = reads_class and config.class_token and config.distill_token
+    reader = "[class] and [dist] tokens (their mean)" if reads_dist else "[class] token"
     no_class = "no [class] token" if not config.class_token else "its head reads the patches' mean, not the [class] token"
-    pooling_note = ("the [class] token's attention" if reads_class else
+    pooling_note = (f"the attention of the {reader}" if reads_class else
                     f"the mean attention of all patch queries ({no_class}: it averages its patch tokens, "
                     "so this map shows what the average of the queries reads)")
 
@@ -135,9 +138,10 @@ def explain(*, images: list[str | Path], model: VisionTransformer, out_dir: str 
         grid = record.grid
         distance = analysis.mean_attention_distance(record.attentions, grid=grid, patch_size=stride)
         distance_sum = distance * len(chunk) if distance_sum is None else distance_sum + distance * len(chunk)
-        cls_maps = analysis.class_attention(record.attentions, num_prefix=num_prefix, class_token=reads_class)
+        cls_maps = analysis.class_attention(record.attentions, num_prefix=num_prefix, class_token=reads_class,
+                                            dist_token=reads_dist)
         rollout = analysis.attention_rollout(record.attentions, num_prefix=num_prefix, class_token=reads_class,
-                                             fusion=fusion, discard_ratio=discard_ratio)
+                                             fusion=fusion, discard_ratio=discard_ratio, dist_token=reads_dist)
         top = (analysis.top_predictions(record.logits, k=top_k, class_names=model.class_names)
                if config.num_classes else None)
         for b, path in enumerate(chunk):
@@ -150,11 +154,11 @@ def explain(*, images: list[str | Path], model: VisionTransformer, out_dir: str 
             patches = analysis.patch_grid(display, patch_size=stride)
             item.png["sequence"] = save(f"{stem}-sequence",
                                         figures.draw_patch_sequence(patches, prefix_names=_token_names(model)))
-            who = "[class] token attention" if reads_class else f"mean patch-query attention ({no_class})"
+            who = f"{reader} attention" if reads_class else f"mean patch-query attention ({no_class})"
             item.png["class_attention"] = save(f"{stem}-class_attention", figures.draw_class_attention(
                 cls_maps[:, b], grid=grid, title=f"{path.name}: {who} to each patch, per layer and head",
                 cell_aspect=stride[0] / stride[1]))
-            what = "[class] token" if reads_class else f"mean over patch queries ({no_class})"
+            what = reader if reads_class else f"mean over patch queries ({no_class})"
             item.png["rollout"] = save(f"{stem}-rollout", figures.draw_rollout(
                 display, rollout[b], grid=grid,
                 title=f"{path.name}: attention rollout, {fusion} over heads, of the {what}"
