@@ -269,3 +269,12 @@ def test_hf_deit_processor_stretches_then_crops_as_hf_does(tmp_path):
     assert (back["size"], back["crop_size"], back["do_center_crop"]) == (processor.size, processor.crop_size, True)
     vitkit.pretrained.set_img_size(model, 64)  # the stretch keeps its proportion to the crop: 80 then 64
     assert model.preprocessing.resized_size(60, 30) == (80, 80) and model.preprocessing.crop == (64, 64)
+
+
+def test_exact_resizes_saved_before_the_stretch_mode_read_as_they_did():
+    from vitkit.config import Preprocessing
+
+    # An HF ViT model resampled to 384 px was saved as resize 439, crop 384, "exact": straight to 384.
+    old = Preprocessing.from_dict({"resize": 439, "crop": [384, 384], "interpolation": "bilinear",
+                                   "mean": [0.5] * 3, "std": [0.5] * 3, "resize_mode": "exact"})
+    assert old.resized_size(500, 375) == (384, 384)

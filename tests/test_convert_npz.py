@@ -175,11 +175,16 @@ def test_convert_never_writes_over_its_source(tmp_path, capsys):
     tiny().save_pretrained(tmp_path / "src")
     before = (tmp_path / "src" / "config.json").read_text()
     weights = (tmp_path / "src" / "model.safetensors").read_bytes()
-    for destination, to in (("src", "hf"), ("src/model.safetensors", "timm"), ("src/best", "vitkit"), (".", "hf")):
+    (tmp_path / "src" / "best").mkdir()
+    (tmp_path / "src" / "best" / "config.json").write_text(before)  # as a run's RUN/best
+    for destination, to in (("src", "hf"), ("src/model.safetensors", "timm"), ("src/best", "vitkit")):
         assert main(["convert", str(tmp_path / "src"), str(tmp_path / destination), "--to", to]) == 2
         assert "overlaps the source" in capsys.readouterr().err
     assert (tmp_path / "src" / "config.json").read_text() == before
-    assert (tmp_path / "src" / "model.safetensors").read_bytes() == weights and not (tmp_path / "src" / "best").exists()
+    assert (tmp_path / "src" / "model.safetensors").read_bytes() == weights
+    assert (tmp_path / "src" / "best" / "config.json").read_text() == before
+    # New files beside the source's own are no overlap.
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "src" / "timm.safetensors"), "--to", "timm"]) == 0
 
 
 def test_convert_takes_a_model_name_as_info_and_export_do(tmp_path):

@@ -287,24 +287,27 @@ def test_eval_follows_an_exact_resize_on_images_of_mixed_sizes(tmp_path):
 
 
 # ---------------------------------------------------------------------------- folders as users leave them
-def test_hidden_folders_other_files_and_empty_class_folders_are_not_data(folder, tmp_path):
+def test_hidden_folders_and_other_files_are_not_data(folder, tmp_path):
     for split in ("train", "val"):
         (folder / split / ".ipynb_checkpoints").mkdir()
         _image(0, 0).save(folder / split / ".ipynb_checkpoints" / "x.png")
         (folder / split / "cat" / "README.txt").write_text("where these came from")
         (folder / split / "cat" / ".hidden").mkdir()
         _image(0, 1).save(folder / split / "cat" / ".hidden" / "y.png")
-    (folder / "train" / "zebra").mkdir()  # no images: not a class, as in an archive of the folder
     zpath = tmp_path / "ds.zip"
     with zipfile.ZipFile(zpath, "w") as archive:
         for f in sorted(folder.rglob("*")):
             if f.is_file():
                 archive.write(f, f.relative_to(folder).as_posix())
                 archive.writestr("__MACOSX/" + f.relative_to(folder).parent.as_posix() + "/._" + f.name, b"\0\5\26\7")
+    _image(1, 5).save(folder / "train" / "dog" / "extra.jfif", format="JPEG")  # a suffix Pillow knows
     for source in (folder, zpath):
         bundle = build_data(str(source), img_size=16, batch_size=4)
         assert bundle.class_names == CLASSES and bundle.skipped == []
-        assert (bundle.train.num_samples, bundle.val.num_samples) == (24, 12)
+        assert (bundle.train.num_samples, bundle.val.num_samples) == (25 if source == folder else 24, 12)
+    # An empty class folder stays a class, as it always was (a run trained so keeps its head).
+    (folder / "train" / "zebra").mkdir()
+    assert build_data(str(folder), img_size=16, batch_size=4).class_names == [*CLASSES, "zebra"]
 
 
 def test_a_folder_named_like_a_builtin_dataset_is_the_folder(folder, monkeypatch):
@@ -312,6 +315,11 @@ def test_a_folder_named_like_a_builtin_dataset_is_the_folder(folder, monkeypatch
     monkeypatch.chdir(folder.parent)
     bundle = build_data("cifar10", img_size=16, batch_size=4)  # never a download
     assert bundle.class_names == CLASSES
+    (folder.parent / "cifar100" / "cifar-100-python").mkdir(parents=True)  # torchvision's root: not a data set
+    import vitkit.data as data
+
+    monkeypatch.setattr(data, "_open_cifar", lambda kind, root, split: ("the built-in reader", kind))
+    assert data._open_source("cifar100", "train") == ("the built-in reader", "cifar100")
 
 
 def test_large_photos_are_cut_to_the_storage_size_as_they_are_decoded(tmp_path, monkeypatch):
@@ -348,6 +356,10 @@ def test_damaged_archives_and_links_in_them(folder, tmp_path):
         for name, kind in (("hard.png", tarfile.LNKTYPE), ("soft.png", tarfile.SYMTYPE)):
             info = tarfile.TarInfo(f"train/cat/{name}")
             info.type, info.linkname = kind, ("train/cat/000.png" if kind == tarfile.LNKTYPE else "000.png")
+            archive.addfile(info)
+        for name, target in (("loop-a.png", "loop-b.png"), ("loop-b.png", "loop-a.png")):  # skipped
+            info = tarfile.TarInfo(f"train/dog/{name}")
+            info.type, info.linkname = tarfile.SYMTYPE, target
             archive.addfile(info)
     bundle = build_data(str(tar_path), img_size=16, batch_size=4)
     assert bundle.train.num_samples == 26  # the two links read as their target

@@ -261,3 +261,13 @@ def test_size_errors_name_both_strides_of_non_square_patches(tmp_path):
         export_model(wide, format="torchscript", out=tmp_path / "m.pt", img_size=24)
     with pytest.raises(VitkitError, match="16 to 1024 px and 32 to 2048 px at stride 8x16"):
         export_model(wide, format="torchscript", out=tmp_path / "m.pt", img_size=16)
+
+
+def test_an_exporter_failure_is_not_called_a_write_failure(model, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("unsupported op aten::frobnicate")
+
+    monkeypatch.setattr(torch.jit, "trace", broken)
+    with pytest.raises(VitkitError, match=r"m.pt: export failed \(unsupported op aten::frobnicate\)"):
+        export_model(model, format="torchscript", out=tmp_path / "m.pt")
+    assert list(tmp_path.iterdir()) == []

@@ -129,7 +129,7 @@ def test_pretrain_bad_arguments(tmp_path):
                           (dict(decoder_dim=0), "--decoder-dim must be at least 1"),
                           (dict(decoder_depth=-1), "--decoder-depth must be at least 1"),
                           (dict(max_train=0), "--max-train must be at least 1"),
-                          (dict(decoder_dim=30, decoder_heads=4), "--decoder-dim 30 must divide"),
+                          (dict(decoder_dim=30, decoder_heads=4), "--decoder-dim 30 must be divisible by --decoder-heads 4"),
                           (dict(lr=-1.0), "--lr must be positive"), (dict(lr=float("nan")), "--lr must be positive"),
                           (dict(warmup_epochs=-3), "--warmup-epochs must be at least 0")):
         with pytest.raises(vitkit.VitkitError, match=re.escape(named)):

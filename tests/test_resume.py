@@ -242,3 +242,16 @@ def test_init_with_a_model_of_another_architecture_is_refused(shapes, tmp_path, 
     with pytest.raises(VitkitError, match="--model ViT-B/16: --init .* holds another architecture"):
         train(TrainConfig(data=str(shapes), init=str(ref_dir), model="ViT-B/16", out=str(tmp_path / "r"),
                           epochs=1, batch_size=16, progress=False))
+
+
+def test_runs_saved_by_earlier_versions_with_model_null_still_resume(reference, tmp_path):
+    import shutil
+
+    ref_dir, _ = reference
+    out = tmp_path / "old"
+    shutil.copytree(ref_dir, out)
+    config = json.loads((out / "config.json").read_text())
+    config.update(model=None)  # a recipe without a model of its own (finetune, deit)
+    (out / "config.json").write_text(json.dumps(config))
+    summary = train(TrainConfig(resume=str(out), epochs=4, progress=False))
+    assert summary["epochs"] == 4

@@ -139,3 +139,10 @@ def test_unknown_tta_is_refused_before_any_work(archive):
 
     with pytest.raises(VitkitError, match="--tta 'mirror'"):
         run_cifar10(recipe=Recipe(tta="mirror", compile=False, overrides=TINY), data=archive, device="cpu")
+
+
+def test_tta_given_as_before_the_views_had_names_still_means_what_it_did():
+    from vitkit.cli import build_parser
+
+    assert (Recipe(tta=True).tta, Recipe(tta=False).tta) == ("flip", "none")
+    assert build_parser().parse_args(["bench", "cifar10", "--no-tta"]).tta == "none"

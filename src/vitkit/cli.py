@@ -225,6 +225,7 @@ def _add_bench_cifar10(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--tta", choices=("none", "flip", "translate"), default="translate",
                    help="test-time views averaged: the image, + its mirror (flip), + both moved 1 px (translate; "
                         "the default)")
+    p.add_argument("--no-tta", dest="tta", action="store_const", const="none", help=argparse.SUPPRESS)  # = --tta none
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",

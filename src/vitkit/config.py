@@ -168,6 +168,9 @@ class ViTConfig:
         return json.dumps(self.to_dict(), indent=2)
 
 
+RESIZE_MODES = ("shorter", "exact", "stretch")  # see Preprocessing.resize_mode
+
+
 @dataclass
 class Preprocessing:
     """How an image becomes the model's input: resize, centre crop, scale to [0, 1], normalise."""
@@ -178,8 +181,9 @@ class Preprocessing:
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # the JAX reference maps pixels to [-1, 1]
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     # "shorter": the shorter side to `resize`, then the centre crop (aspect kept). "exact": straight
-    # to the crop's shape scaled so its shorter side is `resize`, aspect not kept, then the crop:
-    # HF's ViTImageProcessor (resize == the crop's shorter side: no crop) and DeiTImageProcessor.
+    # to the crop size, aspect not kept, as HF's ViTImageProcessor does; `resize` is then unused.
+    # "stretch": straight to the crop's shape scaled so its shorter side is `resize` (aspect not
+    # kept), then the centre crop, as HF's DeiTImageProcessor does (256 x 256, then 224).
     resize_mode: str = "shorter"
 
     def __post_init__(self) -> None:
@@ -190,13 +194,15 @@ class Preprocessing:
             raise ValueError(f"Preprocessing.interpolation: unknown mode {self.interpolation!r}")
         if any(s <= 0 for s in self.std):
             raise ValueError(f"Preprocessing.std: must be positive (got {self.std})")
-        if self.resize_mode not in ("shorter", "exact"):
-            raise ValueError(f"Preprocessing.resize_mode: 'shorter' or 'exact' (got {self.resize_mode!r})")
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"Preprocessing.resize_mode: one of {RESIZE_MODES} (got {self.resize_mode!r})")
 
     def resized_size(self, height: int, width: int) -> tuple[int, int]:
         """The (H, W) an image of this size is resized to before the centre crop."""
         crop_h, crop_w = self.crop
         if self.resize_mode == "exact":
+            return crop_h, crop_w
+        if self.resize_mode == "stretch":
             scale = self.resize / min(crop_h, crop_w)
             return max(crop_h, round(crop_h * scale)), max(crop_w, round(crop_w * scale))
         # The shorter side goes to `resize`, but never below the crop, so non-square crops fit.

@@ -80,9 +80,11 @@ def _open_source(data: str | None, split: str, *, need_train: bool = True) -> tu
         raise VitkitError("--data '': an empty path (an unset variable?); leave --data out for the built-in sample")
     lowered = text.lower()
     path = Path(text)
+    # A data set folder or archive called cifar10 in the working directory is what the user means;
+    # torchvision's own cifar10/ root (cifar-10-batches-py inside) is not one.
+    is_dataset = path.is_file() or path.is_dir() and any((path / s).is_dir() for s in ("train", "val", "test"))
     for kind in ("cifar10", "cifar100"):
-        # A folder or archive of that name in the working directory is what the user means.
-        if (lowered == kind or lowered.startswith(kind + ":")) and not path.exists():
+        if (lowered == kind or lowered.startswith(kind + ":")) and not is_dataset:
             root = text.split(":", 1)[1] if ":" in text else None
             return _open_cifar(kind, root, split)
     if path.is_dir():
@@ -116,13 +118,26 @@ def _labelled(entries: list[tuple[str, str]], where: str, split: str,
     return [item for _, item in entries], np.array([index[c] for c, _ in entries], dtype=np.int64), classes
 
 
+def _class_dirs(split_dir: Path) -> list[Path]:
+    """split_dir's class folders: hidden ones (.ipynb_checkpoints) are not classes."""
+    return [d for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith(".")]
+
+
 def _folder_entries(split_dir: Path) -> list[tuple[str, str]]:
-    """(class, file) for every image file below split_dir/<class>/, as an archive lists them:
-    hidden files and folders (.ipynb_checkpoints, .DS_Store) and other files (README.txt) are
-    not part of the data set, and a class is a folder that holds images."""
-    return [(d.name, str(f)) for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith(".")
-            for f in d.rglob("*") if _is_image_name(f.name) and f.is_file()
+    """(class, file) for every image below split_dir/<class>/: hidden files and folders
+    (.DS_Store, .ipynb_checkpoints) and files of other kinds (README.txt, labels.csv) are not
+    part of the data set."""
+    return [(d.name, str(f)) for d in _class_dirs(split_dir)
+            for f in d.rglob("*") if _may_be_image(f.name) and f.is_file()
             and not any(part.startswith(".") for part in f.relative_to(d).parts)]
+
+
+def _may_be_image(name: str) -> bool:
+    """Not hidden, and a suffix some Pillow plugin reads (.jfif, .jpe, ...) or none: the decoder decides."""
+    from PIL import Image
+
+    suffix = Path(name).suffix.lower()
+    return not name.startswith(".") and (not suffix or suffix in IMAGE_SUFFIXES or suffix in Image.registered_extensions())
 
 
 def _open_folder(root: Path, split: str, *, need_train: bool = True) -> tuple[_Split, list[str]]:
@@ -133,7 +148,7 @@ def _open_folder(root: Path, split: str, *, need_train: bool = True) -> tuple[_S
         raise VitkitError(f"{root}: an ImageFolder dataset needs {_wanted(split, need_train)} subfolders; "
                           f"found {sorted(folders) or 'none'}")
     entries = _folder_entries(chosen)
-    class_names = sorted({c for c, _ in (entries if train in (None, chosen) else _folder_entries(train))})
+    class_names = sorted(d.name for d in _class_dirs(train or chosen))
     paths, labels, classes = _labelled(entries, str(root), chosen.name, class_names)
     return _Split(names=paths, labels=labels, fetch=_file_reader(paths), on_disk=True), classes
 
@@ -193,7 +208,7 @@ def _read_archive(path: Path) -> dict[str, bytes]:
                     if info.isfile() or info.islnk() or info.issym():
                         try:
                             handle = archive.extractfile(info)
-                        except KeyError:  # a link to a member the archive lacks
+                        except (KeyError, RecursionError):  # a link to a member the archive lacks, or a loop
                             continue
                         members[info.name] = handle.read() if handle is not None else b""
                 _check_tar_end(archive)
@@ -227,7 +242,7 @@ def _archive_splits(members: dict[str, bytes],
         return None
     by_split: dict[str, list[tuple[str, str]]] = {}
     for name, parts in zip(members, split_parts):
-        if len(parts) >= depth + 3 and _is_image_name(parts[-1]) and not any(p.startswith(".") for p in parts[depth:]):
+        if len(parts) >= depth + 3 and _may_be_image(parts[-1]) and not any(p.startswith(".") for p in parts[depth:]):
             by_split.setdefault(parts[depth], []).append((parts[depth + 1], name))
     return by_split
 
@@ -913,7 +928,7 @@ def _make_loader(split: _Split, *, train: bool, img_size: tuple[int, int], prepr
     storage = (math.ceil(preprocessing.crop[0] * scale), math.ceil(preprocessing.crop[1] * scale))
     stored_whole = len(set(sizes)) == 1 and sizes[0][0] <= storage[1] and sizes[0][1] <= storage[0]  # (W, H)
     per_image = 3 * (sizes[0][0] * sizes[0][1] if stored_whole else storage[0] * storage[1])
-    if in_memory is None and preprocessing.resize_mode == "exact":
+    if in_memory is None and preprocessing.resize_mode != "shorter":
         # Stored images are cover-cropped, which an aspect-changing resize must not see: stream.
         in_memory = split.pixels is not None
     if in_memory is None:

@@ -123,9 +123,11 @@ def export_model(model: nn.Module, *, format: str, out: str | Path, img_size: in
         report = _write_and_check(model, format=format, out=out, example=example, sizes=((H, W), (H2, W2)),
                                   tolerance=tolerance, final=final)
     except (OSError, RuntimeError) as error:
-        raise VitkitError(f"--out {final}: cannot be written ({str(error).strip().splitlines()[0][:160]})") from None
+        what = "cannot be written" if isinstance(error, OSError) or "inline_container" in str(error) else "export failed"
+        raise VitkitError(f"--out {final}: {what} ({str(error).strip().splitlines()[0][:160]})") from None
     finally:
-        out.unlink(missing_ok=True)
+        for partial in (out, out.with_name(out.name + ".data")):  # and the ONNX weights file, if it got that far
+            partial.unlink(missing_ok=True)
     return report
 
 
@@ -168,6 +170,9 @@ def _write_and_check(model: nn.Module, *, format: str, out: Path, example: Tenso
         report.zero_logits = report.zero_logits or not bool(ref.abs().max() > 0)
         report.checks[f"{batch}x{h}x{w}"] = error
         if not error <= tolerance:  # NaN fails too
+            if out == final:  # written in place (ONNX past 2 GB): an unchecked export must not stay
+                for written in (final, data_path):
+                    written.unlink(missing_ok=True)
             raise VitkitError(f"{final}: exported logits differ from PyTorch's at {batch}x{h}x{w} "
                               f"(relative error {error:.1e} > {tolerance:.0e}); nothing written")
     if out != final:

@@ -270,7 +270,7 @@ def pretrain_mae(*, model: str | ViTConfig | VisionTransformer | None = None, ou
         if value < least:
             raise VitkitError(f"{flag} must be at least {least} (got {value})")
     if decoder_dim % decoder_heads:
-        raise VitkitError(f"--decoder-dim {decoder_dim} must divide into --decoder-heads {decoder_heads}")
+        raise VitkitError(f"--decoder-dim {decoder_dim} must be divisible by --decoder-heads {decoder_heads}")
     if not lr > 0:  # NaN fails too
         raise VitkitError(f"--lr must be positive (got {lr})")
     for flag, value in (("--weight-decay", weight_decay), ("--warmup-epochs", warmup_epochs)):

@@ -262,7 +262,7 @@ def set_img_size(model: VisionTransformer, img_size: int | tuple[int, int]) -> N
     old_pre = model.preprocessing
     model.preprocessing = Preprocessing.for_size(new.img_size, interpolation=old_pre.interpolation, mean=old_pre.mean,
                                                  std=old_pre.std, resize_mode=old_pre.resize_mode)
-    if old_pre.resize_mode == "exact":  # keep the stretch's proportion to the crop (1 for HF's ViT: no crop)
+    if old_pre.resize_mode == "stretch":  # keep the stretch's proportion to the crop
         model.preprocessing.resize = round(old_pre.resize * min(new.img_size) / min(old_pre.crop))
 
 

@@ -61,6 +61,10 @@ class Recipe:
     seed: int = 0
     overrides: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if isinstance(self.tta, bool):  # before the views had names: True was the mirror, False none
+            self.tta = "flip" if self.tta else "none"
+
 
 def _autocast(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -96,8 +100,11 @@ def _tta_logits(model: torch.nn.Module, x: Tensor, tta: str) -> Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: BatchLoader, *, tta: str) -> float:
-    """Top-1 accuracy in [0, 1] over the whole split, with the test-time views `tta` names."""
+def evaluate(model: torch.nn.Module, loader: BatchLoader, *, tta: str | bool) -> float:
+    """Top-1 accuracy in [0, 1] over the whole split, with the test-time views `tta` names
+    (True and False, as before the views had names: "flip" and "none")."""
+    if isinstance(tta, bool):
+        tta = "flip" if tta else "none"
     model.eval()
     correct = torch.zeros((), device=loader.device, dtype=torch.long)
     for x, y in loader.iterate(0):

@@ -177,6 +177,9 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         values["min_lr"] = values["lr"]  # the recipe's floor is for its own LR, not one set far below it
     resolved = TrainConfig(**values)
     check_values(resolved)
+    # New runs only: older runs saved with a negative seed (torch took one) must still resume.
+    if not 0 <= resolved.seed < 2 ** 63:
+        raise VitkitError(f"--seed must lie in [0, 2^63) (got {resolved.seed})")
     return resolved
 
 
@@ -224,8 +227,6 @@ def check_values(resolved: TrainConfig) -> None:
         raise VitkitError(f"--ema must lie in (0, 1), e.g. 0.999 (got {resolved.ema})")
     if resolved.ema is not None and resolved.fsdp:
         raise VitkitError("--ema with --fsdp is not supported: the EMA would need the full weights on every rank")
-    if resolved.seed is not None and not 0 <= resolved.seed < 2 ** 63:
-        raise VitkitError(f"--seed must lie in [0, 2^63) (got {resolved.seed})")
     if resolved.checkpoint_every is not None and resolved.checkpoint_every < 1:
         raise VitkitError(f"--checkpoint-every must be at least 1 step (got {resolved.checkpoint_every})")
 
@@ -448,7 +449,7 @@ def _build_model(config: TrainConfig, *, num_classes: int, class_names: list[str
     if config.img_size:
         overrides["img_size"] = config.img_size
     try:
-        return create_model(config.model, num_classes=num_classes, **overrides)
+        return create_model(config.model or "vit_cifar", num_classes=num_classes, **overrides)  # runs saved with model null
     except ValueError as error:
         given = [f"--{flag.replace('_', '-')} {getattr(config, flag)}" for flag in ("patch_size", "img_size")
                  if getattr(config, flag)]

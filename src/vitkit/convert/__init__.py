@@ -107,6 +107,10 @@ def as_float(tensor: Tensor) -> Tensor:
     return tensor.detach().to("cpu", torch.float32).contiguous()
 
 
+_DIRECTORY_FILES = {"vitkit": ("config.json", "model.safetensors"),
+                    "hf": ("config.json", "model.safetensors", "preprocessor_config.json")}
+
+
 def convert(*, source: str | Path, destination: str | Path, to: str, model: str | None = None) -> Path:
     """Load `source` (anything `vitkit.load_pretrained` reads, or a variant name for random weights)
     and write it to `destination` in format `to`: "vitkit" or "hf" (directories), "timm"
@@ -117,9 +121,11 @@ def convert(*, source: str | Path, destination: str | Path, to: str, model: str 
     destination = Path(destination)
     if not str(source).startswith("hf-hub:") and Path(source).exists():
         src, dst = Path(source).resolve(), destination.resolve()
-        # Writing into the source (RUN -> RUN/best, a directory -> its own model.safetensors), or
-        # a directory around a source file, could overwrite the original before it is read whole.
-        if dst == src or src in dst.parents or dst in src.parents:
+        # Refused when a file the conversion writes is one the source reads (RUN -> RUN/best,
+        # DIR -> DIR/model.safetensors): it would be overwritten before it was read whole.
+        writes = {dst / name for name in _DIRECTORY_FILES[to]} if to in _DIRECTORY_FILES else {dst}
+        reads = set(src.rglob("*")) | {src} if src.is_dir() else {src}
+        if dst == src or writes & reads:
             raise VitkitError(f"{destination}: overlaps the source {source}; write the conversion somewhere else")
     from ..pretrained import load_or_create
 

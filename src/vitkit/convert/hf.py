@@ -215,7 +215,7 @@ def _class_names(meta: dict[str, Any], num_classes: int, config_file: Path) -> l
 
 def _read_preprocessing(path: Path, config: ViTConfig) -> Preprocessing | None:
     """HF's ViTImageProcessor resizes straight to (height, width), without a crop (resize_mode
-    "exact"); a DeiT processor does too, then centre-crops; `shortest_edge` sizes keep the aspect."""
+    "exact"); a DeiT processor stretches, then centre-crops ("stretch"); `shortest_edge` sizes keep the aspect."""
     if not path.is_file():
         return None
     try:
@@ -231,12 +231,11 @@ def _read_preprocessing(path: Path, config: ViTConfig) -> Preprocessing | None:
             crop = meta.get("crop_size", {"height": size["shortest_edge"], "width": size["shortest_edge"]})
             resize, crop = int(size["shortest_edge"]), (int(crop["height"]), int(crop["width"]))
         else:
-            height, width = int(size["height"]), int(size["width"])
-            resize, crop, mode = min(height, width), (height, width), "exact"
+            resize, crop, mode = int(size["height"]), (int(size["height"]), int(size["width"])), "exact"
             if meta.get("do_center_crop") and "crop_size" in meta:  # DeiT: resize (stretching), then crop
                 crop = (int(meta["crop_size"]["height"]), int(meta["crop_size"]["width"]))
-                if height != width:  # a stretch to another aspect than the crop's: approximated
-                    resize, mode = int(size["height"]), "shorter"
+                # A stretch to another aspect than the crop's is approximated by the shorter-side resize.
+                mode = "stretch" if size["height"] == size["width"] else "shorter"
         normalise = meta.get("do_normalize", True)
         return Preprocessing(resize=resize, crop=crop, resize_mode=mode, interpolation=_RESAMPLE.get(meta.get("resample", 2), "bilinear"),
                              mean=tuple(meta.get("image_mean", (0.5, 0.5, 0.5))) if normalise else (0.0, 0.0, 0.0),
