@@ -181,3 +181,20 @@ def test_a_model_with_hf_layernorm_eps_goes_to_timm_with_a_warning(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_pooling_a_timm_file_cannot_say_is_warned_about(tmp_path):
+    from vitkit.convert.timm import write_timm_state_dict
+
+    config = ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=4, mlp_dim=64, num_classes=5,
+                       fc_norm=True)  # token pooling, then fc_norm: a timm file reads as average pooling
+    model = randomize(vitkit.create_model(config)).eval()
+    with pytest.warns(UserWarning, match="reads back as average pooling"):
+        path = write_timm_state_dict(model, path=tmp_path / "w.safetensors")
+    ref = TimmViT(**timm_kwargs(config)).eval()  # built as the warning says: the same logits
+    from vitkit.weights import read_state_dict
+
+    ref.load_state_dict(read_state_dict(path), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ref(x), model(x))

@@ -1,5 +1,7 @@
 import json
+import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -245,3 +247,31 @@ def test_a_closed_pipe_is_not_an_error_when_stdout_is_unbuffered():
                          stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     os.close(write_end)
     assert run.returncode == 0 and run.stderr == ""
+
+
+def test_config_sizes_and_stems_that_cannot_be_are_named():
+    for kwargs, named in ((dict(patch_size="14"), "ViTConfig.patch_size"), (dict(img_size="64"), "ViTConfig.img_size"),
+                          (dict(patch_size=(16, 16.5)), "ViTConfig.patch_size"),
+                          (dict(img_size=[224, 224, 3]), "ViTConfig.img_size"),
+                          (dict(hybrid_stem={"type": "conv", "stride": 0, "channels": [8]}), "'stride' must be"),
+                          (dict(distill_token=True, global_pool="avg"), "needs global_pool='token'")):
+        with pytest.raises(ValueError, match=re.escape(named)):
+            vitkit.ViTConfig(**kwargs)
+    assert vitkit.ViTConfig(img_size=np.int64(32), patch_size=8).img_size == (32, 32)  # numpy ints are ints
+
+
+def test_a_new_head_takes_the_models_dtype_and_block_indices_are_checked():
+    model = vitkit.create_model("tiny", depth=2, img_size=32).to(torch.bfloat16)
+    model.reset_classifier(10)
+    x = torch.randn(1, 3, 32, 32, dtype=torch.bfloat16)
+    assert model(x).dtype == torch.bfloat16 and model(x).shape == (1, 10)
+    assert set(model.forward_intermediates(x, indices=[-1, 0]).intermediates) == {0, 1}
+    with pytest.raises(ValueError, match="block index 5 is outside this model's 2 blocks"):
+        model.forward_intermediates(x, indices=[5])
+
+
+def test_a_distilled_models_pre_logits_are_what_its_two_heads_read():
+    model = randomize(vitkit.create_model("tiny", depth=1, img_size=32, num_classes=4, distill_token=True)).eval()
+    tokens = model.forward_features(torch.randn(2, 3, 32, 32))
+    features = model.forward_head(tokens, pre_logits=True)
+    torch.testing.assert_close(features, (model.fc_norm(tokens[:, 0]) + model.fc_norm(tokens[:, 1])) / 2)

@@ -12,16 +12,20 @@ from dataclasses import dataclass
 from typing import Any
 
 
-def to_2tuple(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    if isinstance(value, int):
-        return (value, value)
-    if len(value) != 2:
-        raise ValueError(f"expected an int or a pair of ints, got {value!r}")
+def to_2tuple(value: int | tuple[int, int] | list[int], *, name: str = "size") -> tuple[int, int]:
+    """An int or a pair of ints as (H, W); anything else (a string "14", 16.5, a triple) is a
+    ValueError naming `name`, never a silent misreading."""
+    if _is_int(value):
+        return (int(value), int(value))
+    if not isinstance(value, (tuple, list)) or len(value) != 2 or not all(_is_int(v) for v in value):
+        raise ValueError(f"{name}: expected an int or a pair of ints (got {value!r})")
     return (int(value[0]), int(value[1]))
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    import numbers
+
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # numpy's ints too
 
 
 def _is_number(value: Any) -> bool:
@@ -69,8 +73,8 @@ class ViTConfig:
     distill_token: bool = False
 
     def __post_init__(self) -> None:
-        self.img_size = to_2tuple(self.img_size)
-        self.patch_size = to_2tuple(self.patch_size)
+        self.img_size = to_2tuple(self.img_size, name="ViTConfig.img_size")
+        self.patch_size = to_2tuple(self.patch_size, name="ViTConfig.patch_size")
         self.validate()
 
     # ------------------------------------------------------------------ derived values
@@ -83,7 +87,7 @@ class ViTConfig:
     @property
     def stem_stride(self) -> tuple[int, int]:
         """Input pixels per output token along (H, W), including a hybrid CNN's downsampling."""
-        factor = int(self.hybrid_stem.get("stride", 1)) if self.hybrid_stem else 1
+        factor = self.hybrid_stem.get("stride", 1) if self.hybrid_stem else 1
         return (self.patch_size[0] * factor, self.patch_size[1] * factor)
 
     @property
@@ -120,6 +124,8 @@ class ViTConfig:
         need(self.init_values is None or _is_number(self.init_values) and self.init_values > 0, "init_values",
              "must be a positive number or null")
         need(self.hybrid_stem is None or isinstance(self.hybrid_stem, dict), "hybrid_stem", "must be an object or null")
+        stem_stride = (self.hybrid_stem or {}).get("stride", 1)
+        need(_is_int(stem_stride) and stem_stride >= 1, "hybrid_stem", "its 'stride' must be an integer >= 1")
         need(_is_int(self.num_classes) and self.num_classes >= 0, "num_classes", "must be an integer >= 0")
         need(_is_int(self.reg_tokens) and self.reg_tokens >= 0, "reg_tokens", "must be an integer >= 0")
         need(all(p > 0 for p in self.patch_size), "patch_size", "must be positive")
@@ -127,6 +133,8 @@ class ViTConfig:
         need(self.global_pool in ("token", "avg"), "global_pool", "must be 'token' or 'avg'")
         need(not self.distill_token or self.class_token, "distill_token",
              "needs class_token=True: DeiT's distillation token sits beside the [class] token")
+        need(not self.distill_token or self.global_pool == "token", "distill_token",
+             "needs global_pool='token': DeiT's two heads read the [class] and [dist] tokens")
         need(self.global_pool != "token" or self.class_token, "global_pool",
              "'token' pooling needs class_token=True; use global_pool='avg' without a class token")
         stride = self.stem_stride
@@ -187,7 +195,7 @@ class Preprocessing:
     resize_mode: str = "shorter"
 
     def __post_init__(self) -> None:
-        self.crop = to_2tuple(self.crop)
+        self.crop = to_2tuple(self.crop, name="Preprocessing.crop")
         self.mean = tuple(float(m) for m in self.mean)
         self.std = tuple(float(s) for s in self.std)
         if self.interpolation not in ("bicubic", "bilinear", "nearest"):

@@ -969,7 +969,7 @@ def build_data(data: str | None, *, img_size: int | tuple[int, int], batch_size:
         raise VitkitError(f"--augment {augment!r}: expected none, randaugment or trivialaugment")
     if not 0.0 <= random_erasing <= 1.0:
         raise VitkitError(f"--random-erasing {random_erasing}: must lie in [0, 1]")
-    img_size = to_2tuple(img_size)
+    img_size = to_2tuple(img_size, name="--img-size")
     extra = {k: v for k, v in (("mean", mean), ("std", std), ("interpolation", interpolation)) if v is not None}
     try:
         preprocessing = Preprocessing.for_size(img_size, **extra)

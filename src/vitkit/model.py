@@ -130,9 +130,9 @@ class VisionTransformer(nn.Module):
         """Replace the head with a freshly initialised one for `num_classes` classes."""
         self.config = self.config.replace(num_classes=num_classes)
         head_in = self.config.representation_size or self.config.embed_dim
-        device = self.pos_embed.device
-        self.head = nn.Linear(head_in, num_classes, device=device) if num_classes else nn.Identity()
-        self.head_dist = (nn.Linear(head_in, num_classes, device=device)
+        where = dict(device=self.pos_embed.device, dtype=self.pos_embed.dtype)  # a bf16 model gets a bf16 head
+        self.head = nn.Linear(head_in, num_classes, **where) if num_classes else nn.Identity()
+        self.head_dist = (nn.Linear(head_in, num_classes, **where)
                           if self.config.distill_token and num_classes else None)
         for head in (self.head, self.head_dist):
             if isinstance(head, nn.Linear):
@@ -179,6 +179,11 @@ class VisionTransformer(nn.Module):
         probabilities of blocks `attention_layers` (negative indices count from the end).
         Only the layers in `attention_layers` leave the fused attention kernel."""
         depth = self.config.depth
+        indices, attention_layers = list(indices), list(attention_layers)
+        outside = [i for i in indices + attention_layers if not -depth <= i < depth]
+        if outside:
+            raise ValueError(f"block index {outside[0]} is outside this model's {depth} blocks "
+                             f"(0 to {depth - 1}, or -{depth} to -1)")
         keep = {i % depth for i in indices}
         keep_attn = {i % depth for i in attention_layers}
         x, grid = self._embed(x)
@@ -215,11 +220,13 @@ class VisionTransformer(nn.Module):
     def forward_head(self, tokens: Tensor, *, pre_logits: bool = False) -> Tensor:
         """Steps 6-7: tokens (B, T, D) -> logits (B, num_classes), or the pooled features."""
         x = self.pre_logits(self.fc_norm(self._pool(tokens)))
+        if self.head_dist is not None:
+            # DeiT: at inference the class and distillation heads vote equally (Touvron et al., Sec. 4);
+            # the features their vote reads are the mean of the two tokens' (as timm returns them).
+            dist = self.pre_logits(self.fc_norm(tokens[:, 1]))
+            return (x + dist) / 2 if pre_logits else (self.head(x) + self.head_dist(dist)) / 2
         if pre_logits:
             return x
-        if self.head_dist is not None:
-            # DeiT: at inference the class and distillation heads vote equally (Touvron et al., Sec. 4).
-            return (self.head(x) + self.head_dist(self.pre_logits(self.fc_norm(tokens[:, 1])))) / 2
         return self.head(x)
 
     def forward_distilled(self, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -187,12 +187,18 @@ def write_timm_state_dict(model: Any, *, path: str | Path) -> Path:
         and config.hybrid_stem.get("type") != "resnet",
     })
     path = Path(path)
-    if config.norm_eps != TIMM_NORM_EPS:
-        import warnings
+    import warnings
 
+    if config.norm_eps != TIMM_NORM_EPS:
         warnings.warn(f"{path}: this model's LayerNorm eps is {config.norm_eps:g}, and a timm weights file cannot "
                       f"say so: timm and vitkit read it back with {TIMM_NORM_EPS:g} (logits differ slightly) "
                       "unless the model is built with timm_kwargs(config)", stacklevel=2)
+    if config.class_token and config.use_fc_norm != (config.global_pool == "avg"):
+        # Readers take fc_norm for average pooling (timm's default pairing); this model pairs them otherwise.
+        warnings.warn(f"{path}: this model pools with {config.global_pool!r} {'with' if config.use_fc_norm else 'without'} "
+                      f"fc_norm, which a timm weights file cannot say: it reads back as "
+                      f"{'average' if config.use_fc_norm else 'token'} pooling unless the model is built with "
+                      "timm_kwargs(config)", stacklevel=2)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
