@@ -3,7 +3,7 @@
 # fine-tune on the other five (dog, frog, horse, ship, truck) with few labels, against training the
 # same model from scratch on those few labels. Results: benchmarks/RESULTS.md, "Fine-tuning".
 #
-#   bash benchmarks/transfer.sh                     # 2 CPU cores: about 10 minutes
+#   bash benchmarks/transfer.sh                     # 2 CPU cores: about 4 minutes
 #   DEVICE=cuda PRE_PER_CLASS=5000 PRE=30 bash benchmarks/transfer.sh
 set -euo pipefail
 OUT=${OUT:-runs/bench-transfer}

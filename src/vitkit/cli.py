@@ -90,7 +90,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                                   "(default: the built-in CIFAR-10 sample)")
     p.add_argument("--split", default="val", choices=("val", "test", "train"), help="val falls back to test")
     p.add_argument("--model", help="variant name, for weight files that cannot say the whole architecture")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default %(default)s)")
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--workers", type=int, default=0, help="decoding threads/processes (default: all cores)")
     p.add_argument("--out", help="folder for metrics.json and confusion.png")
@@ -129,7 +129,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("source", help="a run directory, a checkpoint, or any load_pretrained source")
     p.add_argument("images", nargs="+", help="image files, folders (recursive) or glob patterns")
     p.add_argument("--model", help="variant name, for weight files that cannot say the whole architecture")
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=int, default=5, help="predictions per image, most likely first (default %(default)s)")
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--json", action="store_true", help="one JSON object per input line")
     p.set_defaults(run=_run_predict)
@@ -166,21 +166,22 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_bench_throughput(kinds: argparse._SubParsersAction) -> None:
-    p = kinds.add_parser("throughput", help="images/s, MFU and peak memory of vitkit vs timm and HF",
+    p = kinds.add_parser("throughput", help="images/s, MFU and peak memory of vitkit vs timm, HF and onnxruntime",
                          description="Inference and training-step throughput of vitkit and its peers (timm, HF "
                                      "transformers) in one process on one device, with MFU and peak memory.")
     p.add_argument("--model", default="ViT-B/16", help="variant name (default ViT-B/16)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16")
+    p.add_argument("--batch-size", type=int, default=64, help="images per step (default %(default)s)")
+    p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16", help="bf16 (the default, the GPU goal's precision), fp16, or fp32 (use it on a CPU without bf16 units)")
     p.add_argument("--compile", action="store_true", help="torch.compile every model (the same mode for all)")
     p.add_argument("--compile-mode", default="default",
-                   choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
+                   choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                   help="torch.compile mode with --compile, the same for every model (reduce-overhead: CUDA graphs)")
     p.add_argument("--peers", default="timm,hf", help="comma list of timm, hf, onnxruntime (CPU fp32 inference); '' for vitkit alone")
     p.add_argument("--img-size", type=int, help="image side in pixels (default: the model's)")
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
     p.add_argument("--repeats", type=int, default=5, help="repeats; the median is reported")
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before each measurement (default %(default)s; a compiled run warms up at least once)")
     p.add_argument("--modes", default="infer,train", help="comma list of infer, train")
     p.add_argument("--sdpa", default="auto", help="vitkit's attention kernel: auto, default, cudnn, flash, efficient, math")
     p.add_argument("--grad-checkpointing", action="store_true", help="for every model's training step")
@@ -211,14 +212,14 @@ def _add_bench_cifar10(kinds: argparse._SubParsersAction) -> None:
                                      "accuracy after every epoch against the seconds of training (compile excluded).")
     p.add_argument("--data", help="cifar10-jpeg.tar.gz (default: ../shared/data/ or .data/)")
     p.add_argument("--model", default="vit_cifar_conv", help="a registered model name (default %(default)s)")
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--epochs", type=int, default=30, help="training epochs, unless --time-budget sets them (default %(default)s)")
     p.add_argument("--time-budget", type=float, metavar="S", help="seconds of training; sets --epochs from the step time")
-    p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup-epochs", type=float, default=2.0)
-    p.add_argument("--label-smoothing", type=float, default=0.1)
-    p.add_argument("--drop-path", type=float, default=0.0)
+    p.add_argument("--batch-size", type=int, default=512, help="images per step (default %(default)s)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (default %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay, not on norms, biases and tokens (default %(default)s)")
+    p.add_argument("--warmup-epochs", type=float, default=2.0, help="linear LR warm-up before the cosine decay (default %(default)s)")
+    p.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing of the loss (default %(default)s)")
+    p.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate of the last block (default %(default)s)")
     p.add_argument("--augment", choices=("randaugment", "trivialaugment"), help="on top of crop + flip")
     p.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0: off)")
     p.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (0: off)")
@@ -226,8 +227,8 @@ def _add_bench_cifar10(kinds: argparse._SubParsersAction) -> None:
                    help="test-time views averaged: the image, + its mirror (flip), + both moved 1 px (translate; "
                         "the default)")
     p.add_argument("--no-tta", dest="tta", action="store_const", const="none", help=argparse.SUPPRESS)  # = --tta none
-    p.add_argument("--no-compile", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-compile", action="store_true", help="run eagerly (torch.compile is on by default)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights, data order and augmentation (default %(default)s)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                    help="ViTConfig override, e.g. --set depth=4 --set 'hybrid_stem={...}'")
     p.add_argument("--engine", choices=("benchmark", "library"), default="benchmark",
@@ -275,7 +276,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                                    "inside the graph), checked against PyTorch's logits at two resolutions.")
     p.add_argument("source", help="a variant name or any load_pretrained source")
     p.add_argument("--model", help="variant name, for weight files that cannot say the whole architecture")
-    p.add_argument("--format", required=True, choices=("onnx", "torchscript", "exported-program"))
+    p.add_argument("--format", required=True, choices=("onnx", "torchscript", "exported-program"), help="onnx (checked in onnxruntime), torchscript (.pt) or exported-program (.pt2)")
     p.add_argument("--out", required=True, help="the file to write (.onnx, .pt, .pt2)")
     p.add_argument("--img-size", type=int, help="the example image side used for tracing (default: the model's); "
                                                 "the exported model takes any size of 2 to 128 patches per side")
@@ -422,19 +423,19 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", metavar="RUN", help="continue a pre-training run from its last epoch, with its "
                                                    "settings (--epochs and --device may change)")
     p.add_argument("--epochs", type=int, help="default 100")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256, help="images per step (default %(default)s)")
     p.add_argument("--lr", type=float, default=1.5e-4, help="base LR per 256 images (scaled with --batch-size)")
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup-epochs", type=int, default=5)
+    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default %(default)s)")
+    p.add_argument("--warmup-epochs", type=int, default=5, help="linear LR warm-up epochs (default %(default)s)")
     p.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of patches hidden per image")
-    p.add_argument("--decoder-dim", type=int, default=128)
-    p.add_argument("--decoder-depth", type=int, default=4)
-    p.add_argument("--decoder-heads", type=int, default=4)
+    p.add_argument("--decoder-dim", type=int, default=128, help="the MAE decoder's width (default %(default)s)")
+    p.add_argument("--decoder-depth", type=int, default=4, help="the MAE decoder's blocks (default %(default)s)")
+    p.add_argument("--decoder-heads", type=int, default=4, help="the MAE decoder's attention heads (default %(default)s)")
     p.add_argument("--patch-size", type=int, help="patch size in pixels (fresh models only)")
     p.add_argument("--img-size", type=int, help="input size in pixels; default: the model's")
     p.add_argument("--max-train", type=int, help="use a random subset of this many training images")
     p.add_argument("--device", help="cpu, cuda, cuda:1; default: a GPU if there is one")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights, masks and data order (default %(default)s)")
     p.set_defaults(run=_run_pretrain)
 
 
