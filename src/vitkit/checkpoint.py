@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
-from .errors import CheckpointError, VitkitError
+from .errors import CheckpointError, VitkitError, first_line
 from .model import VisionTransformer
 from .pretrained import CONFIG_FILE, WEIGHTS_FILE, save_pretrained
 from .weights import _fsync_dir, atomic_write, load_torch_file
@@ -108,7 +108,7 @@ def write_failure(error: BaseException, *, where: str | Path | None = None) -> s
         return "the disk is full"  # torch.save's zip writer words a short write so
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
-    return text.strip().splitlines()[0][:200] if text.strip() else type(error).__name__
+    return first_line(error)
 
 
 def _nearly_full(path: str | Path) -> bool:

@@ -15,3 +15,10 @@ class CheckpointError(VitkitError):
     def __init__(self, path: str | Path, message: str) -> None:
         super().__init__(f"{path}: {message}")
         self.path = str(path)
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message cut to its first line (200 characters at most), for one-line
+    errors; its type's name when it has no message."""
+    text = str(error).strip().splitlines()
+    return text[0][:200] if text else type(error).__name__

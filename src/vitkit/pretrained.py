@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .config import Preprocessing, ViTConfig
-from .errors import CheckpointError, VitkitError
+from .errors import CheckpointError, VitkitError, first_line
 from .model import VisionTransformer, resample_pos_embed
 from .variants import preprocessing_fields, resolve
 from .weights import atomic_write, read_state_dict
@@ -157,8 +157,7 @@ def read_checkpoint(source: str | Path, *, base: ViTConfig | None = None) -> tup
             return read_npz_checkpoint(path, base=base)
         return read_timm_state_dict(read_state_dict(path), base=base, source=str(path))
     except (IndexError, ValueError, RuntimeError) as error:  # an array of a rank or size no ViT has
-        message = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-        raise CheckpointError(path, f"a weight of an unexpected shape ({type(error).__name__}: {message})") from None
+        raise CheckpointError(path, f"a weight of an unexpected shape ({type(error).__name__}: {first_line(error)})") from None
 
 
 def _is_model_config(config_file: Path) -> bool:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import CheckpointError
+from .errors import CheckpointError, first_line
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
@@ -50,7 +50,7 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
     try:
         state = load_file(str(path))
     except (SafetensorError, Exception) as error:  # any parse failure of untrusted bytes
-        raise CheckpointError(path, f"not a readable safetensors file ({_first_line(error)})") from None
+        raise CheckpointError(path, f"not a readable safetensors file ({first_line(error)})") from None
     if not state:
         raise CheckpointError(path, "holds no tensors")
     return state
@@ -76,7 +76,7 @@ def _unpickler_fault(error: BaseException) -> str:
     weights_only=False, which would run whatever code the file holds: never repeated here."""
     text = str(error)
     if "Weights only load failed" not in text:
-        return _first_line(error)
+        return first_line(error)
     cause = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
     cause = cause[0][:200] if cause and "WeightsUnpickler error:" in text else "the weights-only unpickler stopped"
     if "Unsupported operand" in cause:
@@ -107,10 +107,10 @@ def read_npz(path: str | Path) -> dict[str, np.ndarray]:
             return {key: archive[key] for key in archive.files}
     except ValueError as error:
         if "allow_pickle" in str(error):
-            raise CheckpointError(path, f"refused: the archive holds pickled objects ({_first_line(error)})") from None
-        raise CheckpointError(path, f"not a readable .npz archive ({_first_line(error)})") from None
+            raise CheckpointError(path, f"refused: the archive holds pickled objects ({first_line(error)})") from None
+        raise CheckpointError(path, f"not a readable .npz archive ({first_line(error)})") from None
     except Exception as error:  # noqa: BLE001  any parse failure of untrusted bytes
-        raise CheckpointError(path, f"not a readable .npz archive ({_first_line(error)})") from None
+        raise CheckpointError(path, f"not a readable .npz archive ({first_line(error)})") from None
 
 
 def atomic_write(path: str | Path, write) -> None:
@@ -168,8 +168,3 @@ def refusal_message(error: BaseException) -> str:
     return ("refused: the file holds Python objects beyond plain tensors and loading it could run code"
             + (f" (it asks for {asked.group(1)})" if asked else "")
             + "; convert it to safetensors in a trusted environment")
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0][:200] if text else type(error).__name__

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..config import Preprocessing, ViTConfig
-from ..errors import CheckpointError
+from ..errors import CheckpointError, first_line
 from ..weights import atomic_write, read_state_dict
 from . import KeyTracker, as_float, block_count, refuse
 
@@ -67,7 +67,7 @@ def download_hf_hub(repo_id: str) -> Path:
         raise CheckpointError(source, "not in the local HuggingFace cache"
                               + (" and HF_HUB_OFFLINE is set" if offline else " and the Hub cannot be reached")) from None
     except (HfHubHTTPError, OSError, ValueError) as error:
-        raise CheckpointError(source, f"cannot be downloaded ({str(error).splitlines()[0][:200]})") from None
+        raise CheckpointError(source, f"cannot be downloaded ({first_line(error)})") from None
     return Path(path)
 
 

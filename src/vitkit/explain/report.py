@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import VitkitError
+from ..errors import VitkitError, first_line
 from ..images import ImageReadError, list_images, preprocess, read_image, require_rgb
 from ..model import VisionTransformer
 from . import analysis, figures
@@ -79,7 +79,7 @@ def explain(*, images: list[str | Path], model: VisionTransformer, out_dir: str 
         device = torch.device(device)
         model = model.to(device).eval()
     except (RuntimeError, AssertionError) as error:
-        raise VitkitError(f"--device {device}: {str(error).splitlines()[0]}") from None
+        raise VitkitError(f"--device {device}: {first_line(error)}") from None
     if not any(Path(p).is_file() for p in paths):  # before any figure is written: no half-made report
         first = _why_unreadable(paths[0])
         raise VitkitError(f"no image to explain: {first}" + (f" (and {len(paths) - 1} more)" if len(paths) > 1 else ""))
