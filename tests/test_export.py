@@ -113,6 +113,16 @@ def test_onnx_too_large_for_one_file_names_both_files(model, tmp_path, monkeypat
     assert report.data_path == tmp_path / "m.onnx.data" and report.data_path.stat().st_size > 0
     assert report.files == [tmp_path / "m.onnx", tmp_path / "m.onnx.data"]
     assert "m.onnx.data" in str(report) and "keep the two files together" in str(report)
+    # Checked under a temporary name, then moved: the moved .onnx must find its moved weights.
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
 def test_a_leftover_data_file_is_not_reported_as_the_weights(model, tmp_path):

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .errors import VitkitError
+from .errors import VitkitError, first_line
 
 FORMATS = ("onnx", "torchscript", "exported-program")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2"}
@@ -116,15 +116,14 @@ def export_model(model: nn.Module, *, format: str, out: str | Path, img_size: in
     C = model.config.in_chans
     example = torch.randn(2, C, H, W, device=param.device, dtype=param.dtype)
     # Written beside `out` and put in its place only once checked: a failed export or check never
-    # destroys a file already there. (Past 2 GB an ONNX model's weights go to a file named after
-    # the .onnx, which records that name: that export is written in place.)
+    # destroys a file already there.
     final, out = out, out.with_name(f".{out.stem}.partial-{os.getpid()}{out.suffix}")
     try:
         report = _write_and_check(model, format=format, out=out, example=example, sizes=((H, W), (H2, W2)),
                                   tolerance=tolerance, final=final)
     except (OSError, RuntimeError) as error:
         what = "cannot be written" if isinstance(error, OSError) or "inline_container" in str(error) else "export failed"
-        raise VitkitError(f"--out {final}: {what} ({str(error).strip().splitlines()[0][:160]})") from None
+        raise VitkitError(f"--out {final}: {what} ({first_line(error)})") from None
     finally:
         for partial in (out, out.with_name(out.name + ".data")):  # and the ONNX weights file, if it got that far
             partial.unlink(missing_ok=True)
@@ -154,13 +153,9 @@ def _write_and_check(model: nn.Module, *, format: str, out: Path, example: Tenso
             run = torch.export.load(str(out)).module()
         else:
             run, data_path = _write_onnx(model, program, example, out)
-            if data_path is not None:
-                out.unlink()
-                data_path.unlink()
-                run, data_path = _write_onnx(model, program, example, final)
-                out = final
 
-    report = ExportReport(path=final, format=format, data_path=data_path)
+    final_data = None if data_path is None else final.with_name(final.name + ".data")
+    report = ExportReport(path=final, format=format, data_path=final_data)
     for batch, (h, w) in ((2, (H, W)), (3, (H2, W2))):
         x = torch.randn(batch, C, h, w, device=param.device, dtype=param.dtype)
         with torch.no_grad():
@@ -170,14 +165,26 @@ def _write_and_check(model: nn.Module, *, format: str, out: Path, example: Tenso
         report.zero_logits = report.zero_logits or not bool(ref.abs().max() > 0)
         report.checks[f"{batch}x{h}x{w}"] = error
         if not error <= tolerance:  # NaN fails too
-            if out == final:  # written in place (ONNX past 2 GB): an unchecked export must not stay
-                for written in (final, data_path):
-                    written.unlink(missing_ok=True)
             raise VitkitError(f"{final}: exported logits differ from PyTorch's at {batch}x{h}x{w} "
                               f"(relative error {error:.1e} > {tolerance:.0e}); nothing written")
-    if out != final:
-        os.replace(out, final)
+    if data_path is not None:
+        _rename_external_data(out, data_path, final_data)
+    os.replace(out, final)
     return report
+
+
+def _rename_external_data(onnx_path: Path, data_path: Path, new_data_path: Path) -> None:
+    """Move an ONNX model's external weights file, and point the model's tensors at its new name
+    (the .onnx records the file by name: renaming the data alone would orphan the weights)."""
+    import onnx
+
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value == data_path.name:
+                entry.value = new_data_path.name
+    onnx.save(proto, str(onnx_path))
+    os.replace(data_path, new_data_path)
 
 
 def _dynamic_shapes(model: nn.Module) -> dict:
