@@ -62,8 +62,7 @@ class Recipe:
     overrides: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if isinstance(self.tta, bool):  # before the views had names: True was the mirror, False none
-            self.tta = "flip" if self.tta else "none"
+        self.tta = _tta_name(self.tta)
 
 
 def _autocast(device: torch.device):
@@ -76,6 +75,11 @@ def _sync(device: torch.device) -> None:
 
 
 TTA = ("none", "flip", "translate")
+
+
+def _tta_name(tta: str | bool) -> str:
+    """Test-time views by name; True and False, from before the views had names, are the mirror and none."""
+    return ("flip" if tta else "none") if isinstance(tta, bool) else tta
 
 
 def _shift(x: Tensor, step: int) -> Tensor:
@@ -103,8 +107,7 @@ def _tta_logits(model: torch.nn.Module, x: Tensor, tta: str) -> Tensor:
 def evaluate(model: torch.nn.Module, loader: BatchLoader, *, tta: str | bool) -> float:
     """Top-1 accuracy in [0, 1] over the whole split, with the test-time views `tta` names
     (True and False, as before the views had names: "flip" and "none")."""
-    if isinstance(tta, bool):
-        tta = "flip" if tta else "none"
+    tta = _tta_name(tta)
     model.eval()
     correct = torch.zeros((), device=loader.device, dtype=torch.long)
     for x, y in loader.iterate(0):
