@@ -297,8 +297,9 @@ def _barrier(dist: _Dist) -> None:
 # ---------------------------------------------------------------------------- run directory
 def _prepare_run(config: TrainConfig) -> tuple[TrainConfig, Path, dict[str, Any] | None]:
     """Resolve the config and the run directory; on --resume, read the saved config and state."""
+    # (--data '' is vitkit.data's to refuse, as for every command that reads data.)
     for flag, value in (("--resume", config.resume), ("--init", config.init), ("--distill-from", config.distill_from),
-                        ("--out", config.out), ("--data", config.data)):
+                        ("--out", config.out)):
         if value is not None and not str(value).strip():
             raise VitkitError(f"{flag} '': an empty path (an unset variable?)")
     if config.resume:
