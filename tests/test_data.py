@@ -11,7 +11,9 @@ import torch
 from PIL import Image
 
 from vitkit.config import Preprocessing
-from vitkit.data import SAMPLE_FILE, _open_source, _probe_sizes, build_data, build_eval_loader
+from vitkit.data import SAMPLE_FILE, build_data, build_eval_loader
+from vitkit.data.decode import probe_sizes
+from vitkit.data.sources import open_source
 from vitkit.errors import VitkitError
 from vitkit.images import preprocess, read_image
 
@@ -168,8 +170,8 @@ def test_one_odd_size_beyond_the_probed_images_is_cover_cropped(tmp_path):
             for i in range(40):
                 _image(label, i + (100 if split == "val" else 0)).save(root / split / name / f"{i:03d}.png")
         Image.new("RGB", (20, 24), (30, 60, 220)).save(root / split / "eel" / "zzz_odd.png")
-    val_split, _ = _open_source(str(root), "val")
-    assert val_split.names[-1].endswith("zzz_odd.png") and set(_probe_sizes(val_split)) == {(16, 16)}
+    val_split, _ = open_source(str(root), "val")
+    assert val_split.names[-1].endswith("zzz_odd.png") and set(probe_sizes(val_split)) == {(16, 16)}
     bundle = build_data(str(root), img_size=16, batch_size=16)
     assert (bundle.train.num_samples, bundle.val.num_samples) == (121, 121) and bundle.skipped == []
     assert tuple(bundle.train.pixels.shape) == (121, 16, 16, 3)
@@ -316,14 +318,14 @@ def test_a_folder_named_like_a_builtin_dataset_is_the_folder(folder, monkeypatch
     bundle = build_data("cifar10", img_size=16, batch_size=4)  # never a download
     assert bundle.class_names == CLASSES
     (folder.parent / "cifar100" / "cifar-100-python").mkdir(parents=True)  # torchvision's root: not a data set
-    import vitkit.data as data
+    import vitkit.data.sources as sources
 
-    monkeypatch.setattr(data, "_open_cifar", lambda kind, root, split: ("the built-in reader", kind))
-    assert data._open_source("cifar100", "train") == ("the built-in reader", "cifar100")
+    monkeypatch.setattr(sources, "_open_cifar", lambda kind, root, split: ("the built-in reader", kind))
+    assert sources.open_source("cifar100", "train") == ("the built-in reader", "cifar100")
 
 
 def test_large_photos_are_cut_to_the_storage_size_as_they_are_decoded(tmp_path, monkeypatch):
-    import vitkit.data as data
+    import vitkit.data.decode as decoding
 
     root = tmp_path / "photos"
     for split in ("train", "val"):
@@ -334,7 +336,7 @@ def test_large_photos_are_cut_to_the_storage_size_as_they_are_decoded(tmp_path, 
     import weakref
 
     alive, most = [], []
-    decode = data.decode_image
+    decode = decoding.decode_image
 
     def decode_and_count(raw, *, name):
         image = decode(raw, name=name)
@@ -342,7 +344,7 @@ def test_large_photos_are_cut_to_the_storage_size_as_they_are_decoded(tmp_path, 
         most.append(sum(r() is not None for r in alive))  # full-size decoded photos held at this moment
         return image
 
-    monkeypatch.setattr(data, "decode_image", decode_and_count)
+    monkeypatch.setattr(decoding, "decode_image", decode_and_count)
     bundle = build_data(str(root), img_size=32, batch_size=2, workers=1)
     assert tuple(bundle.train.pixels.shape[1:3]) == (32, 32)
     assert bundle.train.num_samples == 6 and bundle.val.num_samples == 6

@@ -39,7 +39,7 @@ def _worker(rank: int, world: int, port: int, config: TrainConfig, stop_at: int 
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     if stop_at is not None:  # both ranks stop before the same step, as a crash of the job would
-        import vitkit.train as train_module
+        import vitkit.train.loop as train_module
 
         real = train_module.lr_at
 

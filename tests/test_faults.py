@@ -14,7 +14,7 @@ import torch
 
 import vitkit
 import vitkit.checkpoint as checkpoint_module
-import vitkit.train as train_module
+import vitkit.train.loop as train_module
 from vitkit.checkpoint import CheckpointSaveError, recover, save_checkpoint
 from vitkit.cli import main
 from vitkit.errors import VitkitError
@@ -38,7 +38,7 @@ def _cli_args(data: Path, out: Path) -> list[str]:
 
 def _spawn(args: list[str]) -> subprocess.Popen:
     # vit_cifar's full width is too slow here: shrink it through the one override the CLI lacks.
-    code = ("import sys, torch; torch.set_num_threads(1); import vitkit.train as t; "
+    code = ("import sys, torch; torch.set_num_threads(1); import vitkit.train.run_dir as t; "
             "from vitkit.cli import main; "
             "orig = t.resolve_config\n"
             "def small(c):\n"
@@ -270,9 +270,9 @@ def test_a_real_failed_write_keeps_the_previous_checkpoint(tmp_path, with_state)
 def test_a_full_disk_under_the_metrics_log_names_the_file(tmp_path):
     import errno
 
-    from vitkit.train import _MetricsLog
+    from vitkit.train.run_dir import MetricsLog
 
-    log = _MetricsLog(tmp_path / "metrics.jsonl", keep_until_step=None, enabled=True)
+    log = MetricsLog(tmp_path / "metrics.jsonl", keep_until_step=None, enabled=True)
 
     class Full:
         def write(self, text):

@@ -5,15 +5,15 @@ import json
 import pytest
 import torch
 
-import vitkit.train as train_module
+import vitkit.train.loop as train_module
 from vitkit.checkpoint import restore_rng, rng_state
 from vitkit.errors import VitkitError
 from vitkit.pretrained import WEIGHTS_FILE
 from vitkit.train import TrainConfig, read_metrics, train
+from vitkit.train.distributed import resume_rng
 from vitkit.weights import read_state_dict
 
 from test_train import TINY_MODEL, make_shapes, tiny_config
-
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
@@ -177,7 +177,7 @@ def test_a_checkpoint_without_per_rank_streams_still_resumes_every_rank():
     cpu = torch.device("cpu")
 
     def draws_after_resume(state, rank, step=4):
-        train_module._resume_rng(state, seed=0, rank=rank, step=step, device=cpu)
+        resume_rng(state, seed=0, rank=rank, step=step, device=cpu)
         return torch.rand(8)
 
     with torch.random.fork_rng(devices=[]):
