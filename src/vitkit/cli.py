@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from .errors import VitkitError
-from .pretrained import load_or_create
+from .pretrained import load_or_create, names_weights
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
 
@@ -441,8 +441,6 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .mae import pretrain_mae
     from .variants import resolve
 
@@ -460,7 +458,7 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     if missing:
         raise VitkitError(f"{' and '.join(missing)} required (or --resume RUN)")
     overrides = {k: v for k, v in (("patch_size", args.patch_size), ("img_size", args.img_size)) if v is not None}
-    if Path(args.model).exists():
+    if names_weights(args.model):
         if overrides:
             raise VitkitError("--patch-size/--img-size apply to fresh models, not to --model " + args.model)
         model = load_or_create(args.model)
