@@ -157,8 +157,10 @@ def test_torchvision_teacher_is_frozen_and_loads_weights_safely(tmp_path):
         load_teacher(f"torchvision:resnet18@{tmp_path / 'r18.safetensors'}", num_classes=10)
     with pytest.raises(vitkit.VitkitError, match="resnet18@FILE"):
         load_teacher("torchvision:resnet18", num_classes=4)
-    with pytest.raises(vitkit.VitkitError, match="not a torchvision model"):
-        load_teacher(f"torchvision:resnet1800@{tmp_path / 'r18.safetensors'}", num_classes=4)
+    # Not classifiers: RAFT takes no num_classes; FCN would download its backbone's weights.
+    for name in ("resnet1800", "raft_small", "fcn_resnet50"):
+        with pytest.raises(vitkit.VitkitError, match=f"torchvision:{name}: not a torchvision classification model"):
+            load_teacher(f"torchvision:{name}@{tmp_path / 'r18.safetensors'}", num_classes=4)
 
 
 def test_vitkit_teacher(tmp_path):

@@ -215,3 +215,29 @@ def test_pretrain_resume_gives_the_uninterrupted_run(tmp_path, monkeypatch, caps
     assert epochs == [1, 2, 3]
     assert main(["pretrain", "--resume", str(tmp_path / "run"), "--data", "elsewhere"]) == 2
     assert "--data cannot change" in capsys.readouterr().err
+
+
+def test_pretrain_resume_refuses_settings_it_would_ignore(tmp_path, capsys):
+    _write_folder(tmp_path / "data")
+    pretrain_mae(model=ViTConfig(**TINY), data=str(tmp_path / "data"), out=tmp_path / "run", epochs=1, batch_size=8,
+                 decoder_dim=32, decoder_depth=1, log=False)
+    before = (tmp_path / "run" / "pretrain.json").read_text()
+    for flag, value in (("--mask-ratio", "0.5"), ("--batch-size", "4"), ("--lr", "1e-3"), ("--seed", "1")):
+        assert main(["pretrain", "--resume", str(tmp_path / "run"), "--epochs", "2", flag, value]) == 2
+        assert f"{flag} cannot change" in capsys.readouterr().err
+    assert (tmp_path / "run" / "pretrain.json").read_text() == before
+
+
+def test_pretrain_model_may_be_an_hf_hub_id(tmp_path, monkeypatch, capsys):
+    import vitkit.cli
+
+    asked = []
+
+    def fake_load(source, **_):
+        asked.append(source)
+        return create_model(ViTConfig(**TINY))
+
+    monkeypatch.setattr(vitkit.cli, "load_or_create", fake_load)
+    # --epochs 0 stops the run right after the model is built.
+    assert main(["pretrain", "--model", "hf-hub:org/vit", "--out", str(tmp_path / "r"), "--epochs", "0"]) == 2
+    assert asked == ["hf-hub:org/vit"] and "--epochs must be at least 1" in capsys.readouterr().err

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from .errors import VitkitError
-from .pretrained import load_or_create
+from .pretrained import load_or_create, names_weights
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
 
@@ -422,32 +422,33 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run directory (required unless --resume)")
     p.add_argument("--resume", metavar="RUN", help="continue a pre-training run from its last epoch, with its "
                                                    "settings (--epochs and --device may change)")
+    # No argparse defaults (pretrain_mae's apply): --resume must see which settings were given to refuse them.
     p.add_argument("--epochs", type=int, help="default 100")
-    p.add_argument("--batch-size", type=int, default=256, help="images per step (default %(default)s)")
-    p.add_argument("--lr", type=float, default=1.5e-4, help="base LR per 256 images (scaled with --batch-size)")
-    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default %(default)s)")
-    p.add_argument("--warmup-epochs", type=int, default=5, help="linear LR warm-up epochs (default %(default)s)")
-    p.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of patches hidden per image")
-    p.add_argument("--decoder-dim", type=int, default=128, help="the MAE decoder's width (default %(default)s)")
-    p.add_argument("--decoder-depth", type=int, default=4, help="the MAE decoder's blocks (default %(default)s)")
-    p.add_argument("--decoder-heads", type=int, default=4, help="the MAE decoder's attention heads (default %(default)s)")
+    p.add_argument("--batch-size", type=int, help="images per step (default 256)")
+    p.add_argument("--lr", type=float, help="base LR per 256 images (scaled with --batch-size; default 1.5e-4)")
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.05)")
+    p.add_argument("--warmup-epochs", type=int, help="linear LR warm-up epochs (default 5)")
+    p.add_argument("--mask-ratio", type=float, help="fraction of patches hidden per image (default 0.75)")
+    p.add_argument("--decoder-dim", type=int, help="the MAE decoder's width (default 128)")
+    p.add_argument("--decoder-depth", type=int, help="the MAE decoder's blocks (default 4)")
+    p.add_argument("--decoder-heads", type=int, help="the MAE decoder's attention heads (default 4)")
     p.add_argument("--patch-size", type=int, help="patch size in pixels (fresh models only)")
     p.add_argument("--img-size", type=int, help="input size in pixels; default: the model's")
     p.add_argument("--max-train", type=int, help="use a random subset of this many training images")
     p.add_argument("--device", help="cpu, cuda, cuda:1; default: a GPU if there is one")
-    p.add_argument("--seed", type=int, default=0, help="seed of the weights, masks and data order (default %(default)s)")
+    p.add_argument("--seed", type=int, help="seed of the weights, masks and data order (default 0)")
     p.set_defaults(run=_run_pretrain)
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .mae import pretrain_mae
     from .variants import resolve
 
+    knobs = ("batch_size", "lr", "weight_decay", "warmup_epochs", "mask_ratio", "decoder_dim", "decoder_depth",
+             "decoder_heads", "seed")
     if args.resume:
-        fixed = [f"--{name.replace('_', '-')}" for name in ("model", "out", "data", "patch_size", "img_size", "max_train")
-                 if getattr(args, name) is not None]
+        fixed = [f"--{name.replace('_', '-')}" for name in ("model", "out", "data", "patch_size", "img_size", "max_train",
+                                                            *knobs) if getattr(args, name) is not None]
         if fixed:
             raise VitkitError(f"--resume continues a run with its own settings; {', '.join(fixed)} cannot change")
         result = pretrain_mae(out=args.resume, resume=True, epochs=args.epochs, device=args.device)
@@ -457,7 +458,7 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     if missing:
         raise VitkitError(f"{' and '.join(missing)} required (or --resume RUN)")
     overrides = {k: v for k, v in (("patch_size", args.patch_size), ("img_size", args.img_size)) if v is not None}
-    if Path(args.model).exists():
+    if names_weights(args.model):
         if overrides:
             raise VitkitError("--patch-size/--img-size apply to fresh models, not to --model " + args.model)
         model = load_or_create(args.model)
@@ -467,11 +468,9 @@ def _run_pretrain(args: argparse.Namespace) -> int:
         except ValueError as error:
             given = " with " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in overrides.items()) if overrides else ""
             raise VitkitError(f"--model {args.model}{given}: {error}") from None
-    result = pretrain_mae(model=model, out=args.out, data=args.data, epochs=args.epochs, batch_size=args.batch_size,
-                          lr=args.lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
-                          mask_ratio=args.mask_ratio, decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth,
-                          decoder_heads=args.decoder_heads, device=args.device, seed=args.seed,
-                          max_train=args.max_train)
+    given = {name: getattr(args, name) for name in knobs if getattr(args, name) is not None}
+    result = pretrain_mae(model=model, out=args.out, data=args.data, epochs=args.epochs, device=args.device,
+                          max_train=args.max_train, **given)
     print(f"encoder: {result.run_dir / 'last'}  (fine-tune: vitkit train --init {result.run_dir} ...)")
     return EXIT_OK
 

@@ -106,10 +106,11 @@ def _torchvision_teacher(name: str, *, num_classes: int, weights: str | Path | N
     if weights is None:
         raise VitkitError(f"torchvision:{name}: a teacher needs trained weights; name its state-dict file "
                           f"as torchvision:{name}@FILE")
-    try:
-        teacher = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
-    except (ValueError, KeyError) as error:
-        raise VitkitError(f"torchvision:{name}: not a torchvision model ({error})") from None
+    # Classification models only: the others take no num_classes, or (segmentation, detection)
+    # download ImageNet weights for their backbone even with weights=None.
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        raise VitkitError(f"torchvision:{name}: not a torchvision classification model (e.g. resnet50, regnet_y_16gf)")
+    teacher = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
     state = read_state_dict(weights)
     load_state(teacher, state, source=str(weights))
     return teacher

@@ -49,11 +49,17 @@ def create_model(name: str | ViTConfig, **overrides: Any) -> VisionTransformer:
     return model
 
 
+def names_weights(source: str) -> bool:
+    """Whether a command-line SOURCE means weights to load (a file, a directory, an hf-hub: id)
+    rather than a variant name. A path wins over a name: a run folder called "tiny" is the user's model."""
+    return Path(source).exists() or source.startswith("hf-hub:")
+
+
 def load_or_create(source: str, *, model: str | None = None) -> VisionTransformer:
-    """What the command line means by SOURCE: a file or directory (or hf-hub: id) loads through
-    `load_pretrained`; otherwise a variant name builds a fresh model. A path wins over a name: a
-    run folder called "tiny" is the user's model. `model` names the variant for weight files."""
-    if Path(source).exists() or source.startswith("hf-hub:"):
+    """What the command line means by SOURCE (see `names_weights`): weights load through
+    `load_pretrained`; otherwise a variant name builds a fresh model. `model` names the variant
+    for weight files."""
+    if names_weights(source):
         loaded = load_pretrained(source, model=model)
         if model is not None:
             check_named_model(loaded.config, model, source)
