@@ -257,3 +257,14 @@ def test_a_model_name_that_contradicts_the_file_is_refused(tmp_path, capsys):
         assert main(["info", str(source), "--model", "ViT-H/14"]) == 2
         err = capsys.readouterr().err.strip()
         assert "--model ViT-H/14" in err and "embed_dim=32 (not 1280)" in err and "\n" not in err
+
+
+def test_garbage_is_not_blamed_on_the_pickle_protocol(tmp_path):
+    # Bytes that are no pickle at all stop the unpickler at an "unsupported operand" too; advice to
+    # re-save a newer protocol would send the user after the wrong cause.
+    from vitkit.weights import load_torch_file
+
+    (tmp_path / "train_state.pt").write_bytes(b"garbage, not a checkpoint\n" * 4)
+    with pytest.raises(CheckpointError, match="not a readable") as error:
+        load_torch_file(tmp_path / "train_state.pt")
+    assert "protocol" not in str(error.value)

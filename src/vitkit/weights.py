@@ -68,10 +68,10 @@ def load_torch_file(path: Path, *, what: str = "PyTorch checkpoint") -> Any:
     except Exception as error:  # noqa: BLE001  refusals, and garbage reaching the unpickler's KeyError, struct.error...
         if refused_by_weights_only(error):
             raise CheckpointError(path, refusal_message(error)) from None
-        raise CheckpointError(path, f"not a readable {what} ({_unpickler_fault(error)})") from None
+        raise CheckpointError(path, f"not a readable {what} ({_unpickler_fault(error, path)})") from None
 
 
-def _unpickler_fault(error: BaseException) -> str:
+def _unpickler_fault(error: BaseException, path: Path) -> str:
     """The cause of a failed torch.load in one line. torch's own first line advises retrying with
     weights_only=False, which would run whatever code the file holds: never repeated here."""
     text = str(error)
@@ -79,10 +79,28 @@ def _unpickler_fault(error: BaseException) -> str:
         return first_line(error)
     cause = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
     cause = cause[0][:200] if cause and "WeightsUnpickler error:" in text else "the weights-only unpickler stopped"
-    if "Unsupported operand" in cause:
+    if "Unsupported operand" in cause and (_pickle_protocol(path) or 0) > 2:
         cause += ("; a pickle protocol above 2, which the weights-only unpickler does not read: if you trust "
                   "the file, re-save it as safetensors")
     return cause
+
+
+def _pickle_protocol(path: Path) -> int | None:
+    """The protocol of a torch file's pickle (inside the zip torch.save writes, or the whole file
+    in the legacy format); None if the file does not open with a protocol-2+ pickle."""
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next((n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
+                head = archive.open(name).read(2) if name else b""
+        else:
+            with open(path, "rb") as handle:
+                head = handle.read(2)
+    except (OSError, zipfile.BadZipFile):
+        return None
+    return head[1] if len(head) == 2 and head[0] == 0x80 else None
 
 
 def _read_torch_pickle(path: Path) -> dict[str, Tensor]:
