@@ -184,3 +184,37 @@ def test_convert_to_timm_loads_in_timms_distilled_deit(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(ref(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_a_teacher_normalised_otherwise_sees_its_own_normalisation(tmp_path):
+    from vitkit.config import Preprocessing
+
+    imagenet = Preprocessing(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), crop=16, resize=16)
+    student = Preprocessing(crop=16, resize=16)  # the paper's 0.5 / 0.5
+    model = randomize(create_model(ViTConfig(**TINY))).eval()
+    model.preprocessing = imagenet
+    model.save_pretrained(tmp_path / "t")
+    pixels = torch.rand(2, 3, 16, 16)
+
+    def normalised(p):
+        return (pixels - torch.tensor(p.mean).view(1, 3, 1, 1)) / torch.tensor(p.std).view(1, 3, 1, 1)
+
+    teacher = load_teacher(tmp_path / "t", num_classes=4, input_preprocessing=student)
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(normalised(student)), model(normalised(imagenet)), atol=1e-5, rtol=1e-5)
+    assert teacher.class_names == model.class_names
+    same = load_teacher(tmp_path / "t", num_classes=4, input_preprocessing=imagenet)
+    assert isinstance(same, vitkit.VisionTransformer)  # nothing to convert: the model itself
+
+
+def test_distillation_flags_that_cannot_work_are_named(tmp_path):
+    from vitkit.train import TrainConfig, resolve_config
+    from vitkit.train.loop import _build_model
+
+    create_model(ViTConfig(**TINY, class_token=False, global_pool="avg")).save_pretrained(tmp_path / "avg")
+    config = TrainConfig(init=str(tmp_path / "avg"), distill_from=str(tmp_path / "teacher"), drop_path=0.0)
+    with pytest.raises(vitkit.VitkitError, match=r"^--init .*avg with --distill-from: a distillation token"):
+        _build_model(config, num_classes=4)
+    for tau in (float("nan"), float("inf"), 0.0):
+        with pytest.raises(vitkit.VitkitError, match="--distill-tau must be positive"):
+            resolve_config(TrainConfig(distill_from="teacher", distill_tau=tau))

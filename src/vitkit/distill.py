@@ -7,8 +7,10 @@ and the distillation head from the teacher (`distillation_loss`, the paper's Eq.
 inference the two heads' softmax inputs are averaged (`VisionTransformer.forward`, Sec. 4).
 
 The teacher is any model vitkit can load, or a torchvision CNN with a weights file
-(`torchvision:regnet_y_16gf@FILE`; the paper's best teachers are RegNets). It sees the student's input batch as it is,
-so it must expect the same normalisation (the student's `preprocessing`).
+(`torchvision:regnet_y_16gf@FILE`; the paper's best teachers are RegNets). It sees the student's
+batch: a vitkit teacher saved with another normalisation gets the batch re-normalised to its own
+mean and std; a torchvision teacher's file does not say its normalisation, so it must expect the
+student's.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import Preprocessing
 from .errors import VitkitError
 from .variants import register_model
 
@@ -27,13 +30,15 @@ KINDS = ("soft", "hard")
 
 
 def load_teacher(source: str | Path, *, num_classes: int, device: str | torch.device = "cpu",
-                 model: str | None = None) -> nn.Module:
+                 model: str | None = None, input_preprocessing: Preprocessing | None = None) -> nn.Module:
     """A frozen teacher in eval mode on `device`, mapping images (B, 3, H, W) to logits (B, num_classes).
 
     source: `torchvision:NAME@FILE` (a torchvision classification model, e.g.
         `torchvision:resnet18@teacher.safetensors`, its weights a state-dict file read without
         running code), or anything `vitkit.load_pretrained` reads (a vitkit directory, a run, ...).
     model: the variant name, for weight files that cannot say the whole architecture.
+    input_preprocessing: how the batches the teacher will see are normalised (the student's); a
+        teacher whose own `preprocessing` has another mean or std is wrapped to convert them.
     Raises VitkitError if the teacher cannot be built or predicts another number of classes.
     """
     text = str(source)
@@ -47,10 +52,31 @@ def load_teacher(source: str | Path, *, num_classes: int, device: str | torch.de
         if teacher.config.num_classes != num_classes:
             raise VitkitError(f"{text}: the teacher predicts {teacher.config.num_classes} classes, "
                               f"the student {num_classes}")
+        own = getattr(teacher, "preprocessing", None)
+        if input_preprocessing is not None and own is not None and (own.mean, own.std) != (
+                input_preprocessing.mean, input_preprocessing.std):
+            teacher = _Renormalised(teacher, given=input_preprocessing, expected=own)
     teacher.to(device).eval()
     for param in teacher.parameters():
         param.requires_grad_(False)
     return teacher
+
+
+class _Renormalised(nn.Module):
+    """A teacher fed batches normalised for another model: x * std_s + mean_s recovers the pixels
+    in [0, 1], which then get the teacher's own mean and std, in one multiply-add."""
+
+    def __init__(self, teacher: nn.Module, *, given: Preprocessing, expected: Preprocessing) -> None:
+        super().__init__()
+        self.teacher = teacher
+        self.class_names = getattr(teacher, "class_names", None)
+        given_mean, given_std = torch.tensor(given.mean), torch.tensor(given.std)
+        mean, std = torch.tensor(expected.mean), torch.tensor(expected.std)
+        self.register_buffer("scale", (given_std / std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", ((given_mean - mean) / std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, 3, H, W) normalised for the student
+        return self.teacher(x * self.scale.to(x.dtype) + self.shift.to(x.dtype))
 
 
 def check_teacher_classes(teacher: nn.Module, class_names: list[str], *, source: str) -> None:

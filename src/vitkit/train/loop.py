@@ -98,7 +98,10 @@ def _build_model(config: TrainConfig, *, num_classes: int, class_names: list[str
         if config.distill_from and not model.config.distill_token:
             from ..distill import add_distillation_token
 
-            model = add_distillation_token(model)
+            try:
+                model = add_distillation_token(model)
+            except VitkitError as error:
+                raise VitkitError(f"--init {config.init} with --distill-from: {error}") from None
         return model.train()
     if config.patch_size:
         overrides["patch_size"] = config.patch_size
@@ -320,7 +323,8 @@ def _train(config: TrainConfig, dist: Dist) -> dict[str, Any]:
         from ..distill import check_teacher_classes, load_teacher
 
         try:
-            teacher = load_teacher(cfg.distill_from, num_classes=num_classes, device=device)
+            teacher = load_teacher(cfg.distill_from, num_classes=num_classes, device=device,
+                                   input_preprocessing=data.preprocessing)
         except VitkitError as error:
             raise VitkitError(error if str(error).startswith("--distill-from") else f"--distill-from: {error}") from None
         check_teacher_classes(teacher, list(data.class_names), source=f"--distill-from {cfg.distill_from}")
