@@ -174,3 +174,21 @@ def test_cpu_mfu_stays_below_one_in_half_precision_and_json_is_alone_on_stdout(c
     assert rows and all(0 < row["mfu"] < 1 and row["matmul_tflops"] == 0.05 for row in rows)
     assert all("cudnn" not in row["levers"] for row in rows)  # no CUDA kernel ran on the CPU
     assert "skipping onnxruntime" in captured.err
+
+
+def test_every_compiled_row_is_compiled_however_many_came_before(monkeypatch):
+    # Dynamo keeps at most `recompile_limit` compiled versions of one forward method across model
+    # instances and runs the rest eagerly, silently: with a limit of 1, the second model below
+    # would be timed eagerly in a row that says "compiled". The eager backend keeps this quick.
+    import functools
+
+    import torch._dynamo
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager", mode=None))
+    graphs = torch._dynamo.utils.counters["stats"]
+    for width in (32, 48):  # two architectures: a recompilation each
+        before = graphs["unique_graphs"]
+        benchmark_throughput(model="tiny", config=TINY.replace(embed_dim=width), batch_size=2, precision="fp32",
+                             peers=[], modes=["infer"], compile=True, **QUICK)
+        assert graphs["unique_graphs"] > before

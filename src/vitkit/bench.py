@@ -193,6 +193,11 @@ def _measure(*, impl: str, build: Callable[[], nn.Module], mode: str, config: Vi
 
     backend = sdpa_backend if impl == "vitkit" else "default"
     fp8 = fp8 and impl == "vitkit"
+    if compile:
+        # Dynamo keeps the code it compiled for a forward method across model instances, at most
+        # `recompile_limit` (8) versions; past that, later models run eagerly without an error,
+        # and a long benchmark (benchmarks/throughput.py) would record eager rows as compiled.
+        torch.compiler.reset()
     model = build().to(device)
     H, W = config.img_size
     x = torch.randn(batch_size, config.in_chans, H, W, device=device)
