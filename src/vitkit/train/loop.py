@@ -275,59 +275,17 @@ def _train(config: TrainConfig, dist: Dist) -> dict[str, Any]:
                       interpolation=init_pre.interpolation if init_pre else None)
     num_classes = len(data.class_names)
     torch.manual_seed(cfg.seed)
-    raw = _build_model(build, num_classes=num_classes, class_names=list(data.class_names))
-    require_rgb(raw, what="train")
-    if cfg.init and cfg.model and resume_state is None:
-        from ..pretrained import check_named_model
-
-        shape = {k: v for k, v in (cfg.model_overrides or {}).items()
-                 if k in ("embed_dim", "depth", "num_heads", "mlp_dim", "patch_size")}
-        if cfg.patch_size:
-            shape["patch_size"] = cfg.patch_size
-        check_named_model(raw.config, cfg.model, f"--init {cfg.init}", overrides=shape)
-    raw.class_names = list(data.class_names)
-    raw.preprocessing = data.preprocessing
-
-    if resume_state is not None:
-        _load_resumed_weights(raw, run_dir, cfg)
-    raw.to(device)
-    if dist.world_size > 1 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in raw.modules()):
-        _share_batch_norm(raw, device=device, main=dist.main)
-    if cfg.grad_checkpointing:
-        raw.set_grad_checkpointing(True)
-    if cfg.fp8:
-        _use_fp8(raw, device=device, main=dist.main)
+    raw = _model_for_run(cfg, build, data=data, resume_state=resume_state, run_dir=run_dir, device=device,
+                         dist=dist)
     ema = _Ema(raw, cfg.ema) if cfg.ema else None
     if ema is not None and resume_state is not None and resume_state.get("ema") is not None:
         ema.model.load_state_dict(resume_state["ema"])
 
-    module: nn.Module = _Distilled(raw) if cfg.distill_from else raw
-    if dist.world_size > 1 and cfg.fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        for block in raw.blocks:
-            fully_shard(block)
-        fully_shard(module)
-        wrapped = module
-    elif dist.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        wrapped = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
-    else:
-        wrapped = module
+    wrapped = _wrap(_Distilled(raw) if cfg.distill_from else raw, raw=raw, fsdp=cfg.fsdp, device=device, dist=dist)
     optimizer = build_optimizer(raw, lr=cfg.lr, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay,
                                 depth=raw.config.depth)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    teacher = None
-    if cfg.distill_from:
-        from ..distill import check_teacher_classes, load_teacher
-
-        try:
-            teacher = load_teacher(cfg.distill_from, num_classes=num_classes, device=device,
-                                   input_preprocessing=data.preprocessing)
-        except VitkitError as error:
-            raise VitkitError(error if str(error).startswith("--distill-from") else f"--distill-from: {error}") from None
-        check_teacher_classes(teacher, list(data.class_names), source=f"--distill-from {cfg.distill_from}")
+    teacher = _teacher(cfg, data=data, device=device) if cfg.distill_from else None
     train_model = torch.compile(wrapped) if cfg.compile else wrapped
 
     steps_per_epoch = math.ceil(len(data.train) / cfg.grad_accum)
@@ -536,6 +494,64 @@ def _train(config: TrainConfig, dist: Dist) -> dict[str, Any]:
         print(f"best val acc {summary['best_val_acc']:.4f} (epoch {summary['best_epoch']}); "
               f"{wall:.0f} s, {summary['images_per_s']:.0f} img/s; run directory {run_dir}", file=sys.stderr)
     return summary
+
+
+def _model_for_run(cfg: TrainConfig, build: TrainConfig, *, data, resume_state: dict[str, Any] | None,
+                   run_dir: Path, device: torch.device, dist: Dist) -> VisionTransformer:
+    """The model to train, on `device`: built from `build` (or resumed), checked against the
+    flags, labelled with the data's classes and preprocessing, with the run's options applied."""
+    num_classes = len(data.class_names)
+    raw = _build_model(build, num_classes=num_classes, class_names=list(data.class_names))
+    require_rgb(raw, what="train")
+    if cfg.init and cfg.model and resume_state is None:
+        from ..pretrained import check_named_model
+
+        shape = {k: v for k, v in (cfg.model_overrides or {}).items()
+                 if k in ("embed_dim", "depth", "num_heads", "mlp_dim", "patch_size")}
+        if cfg.patch_size:
+            shape["patch_size"] = cfg.patch_size
+        check_named_model(raw.config, cfg.model, f"--init {cfg.init}", overrides=shape)
+    raw.class_names = list(data.class_names)
+    raw.preprocessing = data.preprocessing
+
+    if resume_state is not None:
+        _load_resumed_weights(raw, run_dir, cfg)
+    raw.to(device)
+    if dist.world_size > 1 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in raw.modules()):
+        _share_batch_norm(raw, device=device, main=dist.main)
+    if cfg.grad_checkpointing:
+        raw.set_grad_checkpointing(True)
+    if cfg.fp8:
+        _use_fp8(raw, device=device, main=dist.main)
+    return raw
+
+
+def _wrap(module: nn.Module, *, raw: VisionTransformer, fsdp: bool, device: torch.device, dist: Dist) -> nn.Module:
+    """`module` as the processes train it: sharded per block (FSDP2), replicated (DDP), or as it is."""
+    if dist.world_size > 1 and fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in raw.blocks:
+            fully_shard(block)
+        fully_shard(module)
+        return module
+    if dist.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+    return module
+
+
+def _teacher(cfg: TrainConfig, *, data, device: torch.device) -> nn.Module:
+    from ..distill import check_teacher_classes, load_teacher
+
+    try:
+        teacher = load_teacher(cfg.distill_from, num_classes=len(data.class_names), device=device,
+                               input_preprocessing=data.preprocessing)
+    except VitkitError as error:
+        raise VitkitError(error if str(error).startswith("--distill-from") else f"--distill-from: {error}") from None
+    check_teacher_classes(teacher, list(data.class_names), source=f"--distill-from {cfg.distill_from}")
+    return teacher
 
 
 def _bar(*, total: int, initial: int, desc: str, enabled: bool):
