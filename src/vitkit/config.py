@@ -22,6 +22,11 @@ def to_2tuple(value: int | tuple[int, int] | list[int], *, name: str = "size") -
     return (int(value[0]), int(value[1]))
 
 
+def unknown_keys(cls: type, data: dict[str, Any]) -> list[str]:
+    """The keys of `data` that no field of the dataclass `cls` reads, sorted (STYLE habit 5)."""
+    return sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+
+
 def _is_int(value: Any) -> bool:
     import numbers
 
@@ -160,8 +165,7 @@ class ViTConfig:
         """Build a config from a dict, failing on keys no field reads (STYLE habit 5)."""
         if not isinstance(data, dict):
             raise ValueError(f"{source}: the model config must be a JSON object, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = unknown_keys(cls, data)
         if unknown:
             raise ValueError(f"{source}: unknown model config keys {unknown}")
         try:
@@ -233,8 +237,8 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "preprocessing") -> "Preprocessing":
-        known = {f.name for f in dataclasses.fields(cls)}
-        if not isinstance(data, dict) or set(data) - known:
+        if not isinstance(data, dict) or unknown_keys(cls, data):
+            known = [f.name for f in dataclasses.fields(cls)]
             raise ValueError(f"{source}: preprocessing must be an object with keys {sorted(known)}, got {data!r}")
         try:
             return cls(**data)

@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from ..config import unknown_keys
 from ..errors import VitkitError
 from ..recipes import get_recipe
 
@@ -68,8 +69,7 @@ class TrainConfig:
     def from_dict(cls, data: dict[str, Any], *, source: str = "train config") -> "TrainConfig":
         if not isinstance(data, dict):
             raise VitkitError(f"{source}: a training config must be a JSON object")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = unknown_keys(cls, data)
         if unknown:
             raise VitkitError(f"{source}: unknown training config keys {unknown}")
         for field in dataclasses.fields(cls):
