@@ -328,6 +328,21 @@ def test_init_carries_the_sources_normalisation_and_interpolation(trained_run, t
     assert tuned.interpolation == "bilinear" and tuned.mean == (0.4, 0.4, 0.4)
 
 
+def test_init_from_a_bare_weights_file_takes_the_named_models_normalisation(tmp_path, shapes):
+    # A timm DeiT file says nothing of its normalisation; --model deit_* does (ImageNet's), and the
+    # data must be prepared that way, as load_pretrained and predict prepare it.
+    from safetensors.torch import save_file
+
+    name = "deit_tiny_patch16_224"
+    model = vitkit.create_model(name, num_classes=3)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "deit.safetensors")
+    config = tiny_config(shapes, tmp_path / "ft", init=str(tmp_path / "deit.safetensors"), epochs=1, max_train=24,
+                         model=name, model_overrides=None, patch_size=None, img_size=32)
+    train(config)
+    tuned = vitkit.load_pretrained(tmp_path / "ft" / "last").preprocessing
+    assert tuned.mean == model.preprocessing.mean != (0.5, 0.5, 0.5)
+
+
 def test_plots_leave_the_callers_matplotlib_backend_alone(trained_run):
     import matplotlib
 

@@ -67,22 +67,35 @@ class TrainingDiverged(VitkitError):
 
 
 
-def _build_model(config: TrainConfig, *, num_classes: int, class_names: list[str] | None = None) -> VisionTransformer:
-    from ..pretrained import create_model, load_pretrained, set_img_size
+def _load_init(config: TrainConfig) -> VisionTransformer | None:
+    """The --init model, read once: its weights, and its preprocessing (normalisation and
+    interpolation carry over to the data; a model name's published ones, as load_pretrained gives)."""
+    if not config.init:
+        return None
+    import warnings
+
+    from ..pretrained import load_pretrained
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the replaced head is intended, not news
+        try:
+            return load_pretrained(config.init, model=config.model, drop_path_rate=config.drop_path)
+        except VitkitError as error:
+            raise VitkitError(f"--init: {error}") from None
+
+
+def _build_model(config: TrainConfig, *, num_classes: int, class_names: list[str] | None = None,
+                 init_model: VisionTransformer | None = None) -> VisionTransformer:
+    """The model `config` names, or with --init its `init_model` (read here if not given) fitted to
+    the flags: a new head for new classes, the image size, a distillation token."""
+    from ..pretrained import create_model, set_img_size
 
     overrides: dict[str, Any] = dict(config.model_overrides or {})
     overrides["drop_path_rate"] = config.drop_path
     if config.distill_from:
         overrides["distill_token"] = True
     if config.init:
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the replaced head is intended, not news
-            try:
-                model = load_pretrained(config.init, model=config.model, drop_path_rate=config.drop_path)
-            except VitkitError as error:
-                raise VitkitError(f"--init: {error}") from None
+        model = init_model if init_model is not None else _load_init(config)
         if config.patch_size and (config.patch_size, config.patch_size) != model.config.patch_size:
             raise VitkitError(f"--patch-size {config.patch_size}: --init {config.init} has {model.config.patch_size} "
                               "patches, and pre-trained patch embeddings cannot change size")
@@ -113,19 +126,6 @@ def _build_model(config: TrainConfig, *, num_classes: int, class_names: list[str
         given = [f"--{flag.replace('_', '-')} {getattr(config, flag)}" for flag in ("patch_size", "img_size")
                  if getattr(config, flag)]
         raise VitkitError(f"{', '.join([f'--model {config.model}'] + given)}: {error}") from None
-
-
-def _init_preprocessing(config: TrainConfig):
-    """With --init, the checkpoint's normalisation and interpolation carry over."""
-    if not config.init:
-        return None
-    from ..pretrained import read_checkpoint
-
-    try:
-        _, _, extras = read_checkpoint(config.init)
-    except VitkitError as error:
-        raise VitkitError(f"--init: {error}") from None
-    return extras.get("preprocessing")
 
 
 class _Distilled(nn.Module):
@@ -263,11 +263,13 @@ def _train(config: TrainConfig, dist: Dist) -> dict[str, Any]:
         # The run's own checkpoint holds everything --init gave it (weights, head, tokens): resuming
         # must not need the original source again (deleted, moved, or on the Hub while offline).
         build = dataclasses.replace(cfg, init=str(run_dir / "last"))
-    init_pre = _init_preprocessing(build)
+    init_model = _load_init(build)
+    init_pre = init_model.preprocessing if init_model is not None else None
     img_size = cfg.img_size
-    if img_size is None:
-        probe = _build_model(dataclasses.replace(build, distill_from=None), num_classes=1)
-        img_size = probe.config.img_size
+    if img_size is None and init_model is not None:
+        img_size = init_model.config.img_size
+    elif img_size is None:
+        img_size = _build_model(dataclasses.replace(build, distill_from=None), num_classes=1).config.img_size
     data = build_data(cfg.data, img_size=img_size, batch_size=cfg.batch_size // dist.world_size, device=device,
                       augment=cfg.augment, random_erasing=cfg.random_erasing, workers=cfg.workers, seed=cfg.seed,
                       rank=dist.rank, world_size=dist.world_size, strict=cfg.strict, max_train=cfg.max_train,
@@ -275,8 +277,9 @@ def _train(config: TrainConfig, dist: Dist) -> dict[str, Any]:
                       interpolation=init_pre.interpolation if init_pre else None)
     num_classes = len(data.class_names)
     torch.manual_seed(cfg.seed)
-    raw = _model_for_run(cfg, build, data=data, resume_state=resume_state, run_dir=run_dir, device=device,
-                         dist=dist)
+    raw = _model_for_run(cfg, build, init_model, data=data, resume_state=resume_state, run_dir=run_dir,
+                         device=device, dist=dist)
+    del init_model  # raw is it, fitted, when --init gave one
     ema = _Ema(raw, cfg.ema) if cfg.ema else None
     if ema is not None and resume_state is not None and resume_state.get("ema") is not None:
         ema.model.load_state_dict(resume_state["ema"])
@@ -496,12 +499,13 @@ def _train(config: TrainConfig, dist: Dist) -> dict[str, Any]:
     return summary
 
 
-def _model_for_run(cfg: TrainConfig, build: TrainConfig, *, data, resume_state: dict[str, Any] | None,
-                   run_dir: Path, device: torch.device, dist: Dist) -> VisionTransformer:
+def _model_for_run(cfg: TrainConfig, build: TrainConfig, init_model: VisionTransformer | None, *, data,
+                   resume_state: dict[str, Any] | None, run_dir: Path, device: torch.device,
+                   dist: Dist) -> VisionTransformer:
     """The model to train, on `device`: built from `build` (or resumed), checked against the
     flags, labelled with the data's classes and preprocessing, with the run's options applied."""
     num_classes = len(data.class_names)
-    raw = _build_model(build, num_classes=num_classes, class_names=list(data.class_names))
+    raw = _build_model(build, num_classes=num_classes, class_names=list(data.class_names), init_model=init_model)
     require_rgb(raw, what="train")
     if cfg.init and cfg.model and resume_state is None:
         from ..pretrained import check_named_model
