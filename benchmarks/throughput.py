@@ -21,8 +21,23 @@ from vitkit.fast import optimize_for_inference, optimize_for_training
 from vitkit.model import VisionTransformer
 from vitkit.variants import resolve
 
+CONFIGS = [
+    dict(model="ViT-B/16", batch_size=256, compile=True, peers=["timm"], fp8=True),
+    dict(model="ViT-B/16", batch_size=256, compile=True),
+    dict(model="ViT-L/16", batch_size=256, compile=True, peers=["timm"], grad_checkpointing=True, modes=["train"]),
+    dict(model="ViT-S/16", batch_size=256, compile=True, peers=["timm"]),
+    dict(model="ViT-B/16", batch_size=256, compile=False),
+    dict(model="ViT-B/16", batch_size=256, compile=True, peers=[], sdpa_backend="default"),
+    dict(model="ViT-L/16", batch_size=256, compile=True, peers=["timm"], modes=["infer"]),
+    dict(model="ViT-B/16", batch_size=8, compile=True, peers=["timm"], modes=["infer"], compile_mode="reduce-overhead"),
+    dict(model="ViT-L/16", batch_size=256, compile=True, peers=["timm"], modes=["infer"], fp8=True),
+    dict(model="ViT-S/16", batch_size=256, compile=True, peers=["timm"], fp8=True),
+]
+
 out_dir = sys.argv[1] if len(sys.argv) > 1 else "."
 first = int(sys.argv[2]) if len(sys.argv) > 2 else 0
+if not 0 <= first < len(CONFIGS):
+    sys.exit(f"FIRST {first}: the configs are numbered 0 to {len(CONFIGS) - 1}")
 log = open(os.path.join(out_dir, "throughput.jsonl"), "a")
 print(torch.__version__, torch.cuda.get_device_name(), flush=True)
 
@@ -63,18 +78,6 @@ if first == 0:
         train_model = None  # free the GPU for the table rows, whatever happened
     del ref_model, fast
 
-CONFIGS = [
-    dict(model="ViT-B/16", batch_size=256, compile=True, peers=["timm"], fp8=True),
-    dict(model="ViT-B/16", batch_size=256, compile=True),
-    dict(model="ViT-L/16", batch_size=256, compile=True, peers=["timm"], grad_checkpointing=True, modes=["train"]),
-    dict(model="ViT-S/16", batch_size=256, compile=True, peers=["timm"]),
-    dict(model="ViT-B/16", batch_size=256, compile=False),
-    dict(model="ViT-B/16", batch_size=256, compile=True, peers=[], sdpa_backend="default"),
-    dict(model="ViT-L/16", batch_size=256, compile=True, peers=["timm"], modes=["infer"]),
-    dict(model="ViT-B/16", batch_size=8, compile=True, peers=["timm"], modes=["infer"], compile_mode="reduce-overhead"),
-    dict(model="ViT-L/16", batch_size=256, compile=True, peers=["timm"], modes=["infer"], fp8=True),
-    dict(model="ViT-S/16", batch_size=256, compile=True, peers=["timm"], fp8=True),
-]
 tables = []
 for index, config in enumerate(CONFIGS[first:], first):
     print(f"[{index}] {config}", flush=True)

@@ -141,7 +141,7 @@ def test_convert_refuses_formats_without_a_conv_stem(tmp_path, to, name):
 
 def test_several_gpus_synchronise_the_stems_batch_norm(capsys):
     # Converting needs no GPU; the checkpoint keys stay BatchNorm's, so saved runs load anywhere.
-    from vitkit.train.loop import _share_batch_norm
+    from vitkit.train.setup import _share_batch_norm
 
     model = create_model("vit_cifar_conv")
     keys = set(model.state_dict())

@@ -209,12 +209,12 @@ def test_a_teacher_normalised_otherwise_sees_its_own_normalisation(tmp_path):
 
 def test_distillation_flags_that_cannot_work_are_named(tmp_path):
     from vitkit.train import TrainConfig, resolve_config
-    from vitkit.train.loop import _build_model
+    from vitkit.train.setup import build_model
 
     create_model(ViTConfig(**TINY, class_token=False, global_pool="avg")).save_pretrained(tmp_path / "avg")
     config = TrainConfig(init=str(tmp_path / "avg"), distill_from=str(tmp_path / "teacher"), drop_path=0.0)
     with pytest.raises(vitkit.VitkitError, match=r"^--init .*avg with --distill-from: a distillation token"):
-        _build_model(config, num_classes=4)
+        build_model(config, num_classes=4)
     for tau in (float("nan"), float("inf"), 0.0):
-        with pytest.raises(vitkit.VitkitError, match="--distill-tau must be positive"):
+        with pytest.raises(vitkit.VitkitError, match="--distill-tau must be a finite number above 0"):
             resolve_config(TrainConfig(distill_from="teacher", distill_tau=tau))

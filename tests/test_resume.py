@@ -15,6 +15,7 @@ from vitkit.weights import read_state_dict
 
 from test_train import TINY_MODEL, make_shapes, tiny_config
 
+
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
     return make_shapes(tmp_path_factory.mktemp("shapes"), per_class=24, val_per_class=6)

@@ -271,6 +271,8 @@ def benchmark_throughput(*, model: str, batch_size: int = 64, precision: str = "
     matmul_tflops: the bf16 matmul rate for MFU; measured on `device` when None.
     fp8: vitkit's blocks run their matmuls in FP8 (opt-in, changes the numbers; peers unchanged).
          Its MFU is still counted against the bf16 matmul rate, so that rows compare.
+    With compile, torch.compiler.reset() runs before each row (its cache would otherwise fill and
+    later rows run uncompiled): it also drops the compiled code of the caller's own models.
     """
     from .model import count_flops
     from .variants import resolve

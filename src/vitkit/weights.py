@@ -79,8 +79,9 @@ def _unpickler_fault(error: BaseException, path: Path) -> str:
         return first_line(error)
     cause = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
     cause = cause[0][:200] if cause and "WeightsUnpickler error:" in text else "the weights-only unpickler stopped"
-    if "Unsupported operand" in cause and (_pickle_protocol(path) or 0) > 2:
-        cause += ("; a pickle protocol above 2, which the weights-only unpickler does not read: if you trust "
+    # Protocols 2 and 3 load; 4 and 5 stop at their FRAME opcode, as damaged bytes can stop too.
+    if "Unsupported operand" in cause and (_pickle_protocol(path) or 0) >= 4:
+        cause += ("; pickle protocol 4 or above, which the weights-only unpickler does not read: if you trust "
                   "the file, re-save it as safetensors")
     return cause
 
@@ -98,7 +99,7 @@ def _pickle_protocol(path: Path) -> int | None:
         else:
             with open(path, "rb") as handle:
                 head = handle.read(2)
-    except (OSError, zipfile.BadZipFile):
+    except Exception:  # noqa: BLE001  unreadable in any way (encrypted, odd compression): no protocol to name
         return None
     return head[1] if len(head) == 2 and head[0] == 0x80 else None
 

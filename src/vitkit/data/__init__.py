@@ -12,7 +12,7 @@ on the loader's device and augmented batch-wise with tensor ops there, so a GPU 
 the CPU. Larger ones stream through a torch DataLoader with worker processes and PIL transforms.
 
 Modules: sources (opening a source), decode (into memory, or a scan before streaming), loaders
-(batches per epoch and rank), augment (train-time transforms).
+(batches per epoch and rank), transforms (augmentation and eval resize, as tensor ops or PIL).
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ import torch
 
 from ..config import Preprocessing, to_2tuple
 from ..errors import VitkitError
-from .augment import pil_transform
 from .decode import decode_all, probe_sizes, scan, warn_skipped
 from .loaders import BatchLoader, StreamingLoader, TensorLoader
 from .sources import SAMPLE_FILE, Split, open_source, open_unlabelled
+from .transforms import pil_transform
 
 IN_MEMORY_LIMIT = 2 * 1024**3  # bytes of decoded uint8 pixels; beyond this, stream from disk
 AUGMENTS = (None, "none", "randaugment", "trivialaugment")

@@ -19,15 +19,9 @@ from torch import Tensor
 from ..config import Preprocessing
 from ..errors import VitkitError
 from ..images import ImageReadError, decode_image
-from .augment import (
-    augment_batch,
-    eval_resize,
-    random_erase,
-    seeded_generator,
-    to_device_async,
-)
 from .decode import warn_skipped
 from .sources import Split
+from .transforms import augment_batch, eval_resize, random_erase, seeded_generator, to_device_async
 
 
 class BatchLoader:

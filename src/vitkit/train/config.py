@@ -152,7 +152,7 @@ def check_values(resolved: TrainConfig) -> None:
     if resolved.distill_alpha is not None and not 0 <= resolved.distill_alpha <= 1:
         raise VitkitError(f"--distill-alpha must lie in [0, 1] (got {resolved.distill_alpha})")
     if resolved.distill_tau is not None and not (math.isfinite(resolved.distill_tau) and resolved.distill_tau > 0):
-        raise VitkitError(f"--distill-tau must be positive (got {resolved.distill_tau})")
+        raise VitkitError(f"--distill-tau must be a finite number above 0 (got {resolved.distill_tau})")
     for name in ("epochs", "batch_size", "grad_accum"):
         if getattr(resolved, name) is None or getattr(resolved, name) < 1:
             raise VitkitError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(resolved, name)})")

@@ -77,7 +77,6 @@ def barrier(dist: Dist) -> None:
         tdist.barrier()
 
 
-
 def rank_seed(seed: int, rank: int, step: int = 0) -> int:
     """The global RNG's seed for `rank` (> 0) of a run, or for a rank that resumes at `step`
     without a saved stream of its own."""
@@ -119,7 +118,6 @@ def resume_rng(state: dict[str, Any], *, seed: int, rank: int, step: int, device
         restore_rng(saved[rank], device)
     else:
         torch.manual_seed(rank_seed(seed, rank, step))
-
 
 
 def _state_options():

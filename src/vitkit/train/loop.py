@@ -25,36 +25,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checkpoint import save_checkpoint
-from ..errors import CheckpointError, VitkitError
-from ..images import require_rgb
+from ..errors import VitkitError
 from ..mixup import mix_batch
-from ..model import VisionTransformer
 from ..optim import build_optimizer, lr_at, set_lr
 from .config import TrainConfig
-from .distributed import (
-    Dist,
-    all_mean,
-    all_sum,
-    barrier,
-    device_for,
-    gathered_model,
-    gathered_rng,
-    init_distributed,
-    optimizer_state,
-    rank_seed,
-    restore_optimizer,
-    resume_rng,
-)
-from .run_dir import (
-    METRICS_FILE,
-    RUN_CONFIG,
-    SUMMARY_FILE,
-    MetricsLog,
-    last_epoch_value,
-    prepare_run,
-    write_json,
-    write_plots,
-)
+from .distributed import (Dist, all_mean, all_sum, barrier, device_for, gathered_model, gathered_rng,
+                          init_distributed, optimizer_state, rank_seed, restore_optimizer, resume_rng)
+from .run_dir import (METRICS_FILE, RUN_CONFIG, SUMMARY_FILE, MetricsLog, last_epoch_value, prepare_run, write_json,
+                      write_plots)
+from .setup import Distilled, Ema, build_model, load_init, model_for_run, teacher_for_run, wrap_for_processes
 
 
 class TrainingDiverged(VitkitError):
@@ -64,103 +43,6 @@ class TrainingDiverged(VitkitError):
     def __init__(self, message: str, *, step: int | None = None) -> None:
         super().__init__(message)
         self.step = step
-
-
-
-def _load_init(config: TrainConfig) -> VisionTransformer | None:
-    """The --init model, read once: its weights, and its preprocessing (normalisation and
-    interpolation carry over to the data; a model name's published ones, as load_pretrained gives)."""
-    if not config.init:
-        return None
-    import warnings
-
-    from ..pretrained import load_pretrained
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the replaced head is intended, not news
-        try:
-            return load_pretrained(config.init, model=config.model, drop_path_rate=config.drop_path)
-        except VitkitError as error:
-            raise VitkitError(f"--init: {error}") from None
-
-
-def _build_model(config: TrainConfig, *, num_classes: int, class_names: list[str] | None = None,
-                 init_model: VisionTransformer | None = None) -> VisionTransformer:
-    """The model `config` names, or with --init its `init_model` (read here if not given) fitted to
-    the flags: a new head for new classes, the image size, a distillation token."""
-    from ..pretrained import create_model, set_img_size
-
-    overrides: dict[str, Any] = dict(config.model_overrides or {})
-    overrides["drop_path_rate"] = config.drop_path
-    if config.distill_from:
-        overrides["distill_token"] = True
-    if config.init:
-        model = init_model if init_model is not None else _load_init(config)
-        if config.patch_size and (config.patch_size, config.patch_size) != model.config.patch_size:
-            raise VitkitError(f"--patch-size {config.patch_size}: --init {config.init} has {model.config.patch_size} "
-                              "patches, and pre-trained patch embeddings cannot change size")
-        if model.class_names is None or model.class_names != class_names:
-            # New classes (or the same count under other names) get a new head: the old one's
-            # rows mean other things.
-            model.reset_classifier(num_classes)
-        if config.img_size:
-            try:
-                set_img_size(model, config.img_size)
-            except ValueError as error:
-                raise VitkitError(f"--img-size {config.img_size}: {error}") from None
-        if config.distill_from and not model.config.distill_token:
-            from ..distill import add_distillation_token
-
-            try:
-                model = add_distillation_token(model)
-            except VitkitError as error:
-                raise VitkitError(f"--init {config.init} with --distill-from: {error}") from None
-        return model.train()
-    if config.patch_size:
-        overrides["patch_size"] = config.patch_size
-    if config.img_size:
-        overrides["img_size"] = config.img_size
-    try:
-        return create_model(config.model or "vit_cifar", num_classes=num_classes, **overrides)  # runs saved with model null
-    except ValueError as error:
-        given = [f"--{flag.replace('_', '-')} {getattr(config, flag)}" for flag in ("patch_size", "img_size")
-                 if getattr(config, flag)]
-        raise VitkitError(f"{', '.join([f'--model {config.model}'] + given)}: {error}") from None
-
-
-class _Distilled(nn.Module):
-    """Lets DDP/FSDP wrap the two-headed forward DeiT trains with."""
-
-    def __init__(self, model: VisionTransformer) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor] | Tensor:
-        if not self.training:  # evaluation: the two heads vote, as the plain forward does
-            return self.model(x)
-        return self.model.forward_distilled(x)
-
-
-class _Ema:
-    """Exponential moving average of the weights (Polyak averaging), kept in float32."""
-
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        import copy
-
-        self.decay = decay
-        self.model = copy.deepcopy(model).eval().float()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        current = model.state_dict()
-        for name, value in self.model.state_dict().items():
-            new = current[name].detach()
-            if value.dtype.is_floating_point:
-                value.lerp_(new.to(value.dtype), 1.0 - self.decay)
-            else:
-                value.copy_(new)
 
 
 def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
@@ -263,13 +145,13 @@ def _train(config: TrainConfig, dist: Dist) -> dict[str, Any]:
         # The run's own checkpoint holds everything --init gave it (weights, head, tokens): resuming
         # must not need the original source again (deleted, moved, or on the Hub while offline).
         build = dataclasses.replace(cfg, init=str(run_dir / "last"))
-    init_model = _load_init(build)
+    init_model = load_init(build)
     init_pre = init_model.preprocessing if init_model is not None else None
     img_size = cfg.img_size
     if img_size is None and init_model is not None:
         img_size = init_model.config.img_size
     elif img_size is None:
-        img_size = _build_model(dataclasses.replace(build, distill_from=None), num_classes=1).config.img_size
+        img_size = build_model(dataclasses.replace(build, distill_from=None), num_classes=1).config.img_size
     data = build_data(cfg.data, img_size=img_size, batch_size=cfg.batch_size // dist.world_size, device=device,
                       augment=cfg.augment, random_erasing=cfg.random_erasing, workers=cfg.workers, seed=cfg.seed,
                       rank=dist.rank, world_size=dist.world_size, strict=cfg.strict, max_train=cfg.max_train,
@@ -277,18 +159,18 @@ def _train(config: TrainConfig, dist: Dist) -> dict[str, Any]:
                       interpolation=init_pre.interpolation if init_pre else None)
     num_classes = len(data.class_names)
     torch.manual_seed(cfg.seed)
-    raw = _model_for_run(cfg, build, init_model, data=data, resume_state=resume_state, run_dir=run_dir,
+    raw = model_for_run(cfg, build, init_model, data=data, resume_state=resume_state, run_dir=run_dir,
                          device=device, dist=dist)
     del init_model  # raw is it, fitted, when --init gave one
-    ema = _Ema(raw, cfg.ema) if cfg.ema else None
+    ema = Ema(raw, cfg.ema) if cfg.ema else None
     if ema is not None and resume_state is not None and resume_state.get("ema") is not None:
         ema.model.load_state_dict(resume_state["ema"])
 
-    wrapped = _wrap(_Distilled(raw) if cfg.distill_from else raw, raw=raw, fsdp=cfg.fsdp, device=device, dist=dist)
+    wrapped = wrap_for_processes(Distilled(raw) if cfg.distill_from else raw, raw=raw, fsdp=cfg.fsdp, device=device, dist=dist)
     optimizer = build_optimizer(raw, lr=cfg.lr, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay,
                                 depth=raw.config.depth)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    teacher = _teacher(cfg, data=data, device=device) if cfg.distill_from else None
+    teacher = teacher_for_run(cfg, data=data, device=device) if cfg.distill_from else None
     train_model = torch.compile(wrapped) if cfg.compile else wrapped
 
     steps_per_epoch = math.ceil(len(data.train) / cfg.grad_accum)
@@ -499,65 +381,6 @@ def _train(config: TrainConfig, dist: Dist) -> dict[str, Any]:
     return summary
 
 
-def _model_for_run(cfg: TrainConfig, build: TrainConfig, init_model: VisionTransformer | None, *, data,
-                   resume_state: dict[str, Any] | None, run_dir: Path, device: torch.device,
-                   dist: Dist) -> VisionTransformer:
-    """The model to train, on `device`: built from `build` (or resumed), checked against the
-    flags, labelled with the data's classes and preprocessing, with the run's options applied."""
-    num_classes = len(data.class_names)
-    raw = _build_model(build, num_classes=num_classes, class_names=list(data.class_names), init_model=init_model)
-    require_rgb(raw, what="train")
-    if cfg.init and cfg.model and resume_state is None:
-        from ..pretrained import check_named_model
-
-        shape = {k: v for k, v in (cfg.model_overrides or {}).items()
-                 if k in ("embed_dim", "depth", "num_heads", "mlp_dim", "patch_size")}
-        if cfg.patch_size:
-            shape["patch_size"] = cfg.patch_size
-        check_named_model(raw.config, cfg.model, f"--init {cfg.init}", overrides=shape)
-    raw.class_names = list(data.class_names)
-    raw.preprocessing = data.preprocessing
-
-    if resume_state is not None:
-        _load_resumed_weights(raw, run_dir, cfg)
-    raw.to(device)
-    if dist.world_size > 1 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in raw.modules()):
-        _share_batch_norm(raw, device=device, main=dist.main)
-    if cfg.grad_checkpointing:
-        raw.set_grad_checkpointing(True)
-    if cfg.fp8:
-        _use_fp8(raw, device=device, main=dist.main)
-    return raw
-
-
-def _wrap(module: nn.Module, *, raw: VisionTransformer, fsdp: bool, device: torch.device, dist: Dist) -> nn.Module:
-    """`module` as the processes train it: sharded per block (FSDP2), replicated (DDP), or as it is."""
-    if dist.world_size > 1 and fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        for block in raw.blocks:
-            fully_shard(block)
-        fully_shard(module)
-        return module
-    if dist.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
-    return module
-
-
-def _teacher(cfg: TrainConfig, *, data, device: torch.device) -> nn.Module:
-    from ..distill import check_teacher_classes, load_teacher
-
-    try:
-        teacher = load_teacher(cfg.distill_from, num_classes=len(data.class_names), device=device,
-                               input_preprocessing=data.preprocessing)
-    except VitkitError as error:
-        raise VitkitError(error if str(error).startswith("--distill-from") else f"--distill-from: {error}") from None
-    check_teacher_classes(teacher, list(data.class_names), source=f"--distill-from {cfg.distill_from}")
-    return teacher
-
-
 def _bar(*, total: int, initial: int, desc: str, enabled: bool):
     from tqdm import tqdm
 
@@ -584,44 +407,3 @@ def _diverged_message(value: float, step: int, epoch: int, batch: int, run_dir: 
             f"try {remedy}")
 
 
-
-
-def _use_fp8(model: nn.Module, *, device: torch.device, main: bool) -> None:
-    """The blocks' linear layers as FP8 matmuls, in place (before the EMA copy and the wrappers,
-    so the EMA and validation run in FP8 too); the saved weights are the ordinary ones."""
-    from ..fp8 import convert_to_fp8
-
-    try:
-        converted = convert_to_fp8(model)
-    except ValueError as error:
-        raise VitkitError(f"--fp8: {error}") from None
-    total = sum(isinstance(m, nn.Linear) for m in model.blocks.modules())
-    if main and converted < total:
-        print(f"warning: --fp8: {converted} of the blocks' {total} linear layers run in FP8; the others have "
-              "widths not divisible by 16", file=sys.stderr)
-    if main and device.type == "cpu":
-        print("warning: --fp8 on the CPU: the same rounding as on a GPU, but slower than without --fp8 "
-              "(FP8 is made for the FP8 tensor cores of GPUs)", file=sys.stderr)
-
-
-def _share_batch_norm(model: nn.Module, *, device: torch.device, main: bool) -> None:
-    """A conv stem's BatchNorm across processes: synchronised on GPUs, so its statistics are the
-    global batch's as in a one-process run; gloo on CPU has no SyncBatchNorm, so say it differs."""
-    if device.type == "cuda":
-        nn.SyncBatchNorm.convert_sync_batchnorm(model)  # replaces the BatchNorm layers in place
-    elif main:
-        print("note: on CPU each process normalises the conv stem's BatchNorm over its own share of the batch "
-              "(gloo has no SyncBatchNorm), so the run differs slightly from a one-process run; on GPUs "
-              "it is synchronised", file=sys.stderr)
-
-
-def _load_resumed_weights(model: VisionTransformer, run_dir: Path, cfg: TrainConfig) -> None:
-    from ..pretrained import WEIGHTS_FILE, load_state
-    from ..weights import read_state_dict
-
-    path = run_dir / "last" / WEIGHTS_FILE
-    try:
-        load_state(model, read_state_dict(path), source=str(path))
-    except CheckpointError as error:
-        raise VitkitError(f"--resume {run_dir}: its checkpoint does not fit the model "
-                          f"{cfg.model or cfg.init!r} ({error})") from None

@@ -21,7 +21,6 @@ _RESUMABLE_CHANGES = {"resume", "device", "workers", "out", "compile", "checkpoi
                       "fsdp"}
 
 
-
 def prepare_run(config: TrainConfig) -> tuple[TrainConfig, Path, dict[str, Any] | None]:
     """Resolve the config and the run directory; on --resume, read the saved config and state."""
     # (--data '' is vitkit.data's to refuse, as for every command that reads data.)
@@ -136,7 +135,6 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return records
-
 
 
 def last_epoch_value(run_dir: Path, key: str) -> float | None:

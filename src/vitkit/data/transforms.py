@@ -1,5 +1,6 @@
-"""Train-time augmentation: batch-wise tensor ops for images held on the device, PIL transforms
-for streamed ones; and the seeded random draws both use."""
+"""Image transforms: train-time augmentation and the eval resize as batch-wise tensor ops on
+images held on the device, PIL transforms for streamed ones; and the seeded random draws and
+non-blocking device copies they (and the loaders) use."""
 
 from __future__ import annotations
 
@@ -32,7 +33,6 @@ def to_device_async(t: Tensor, device: torch.device) -> Tensor:
         return t.to(device)
     # Contiguous first: from a strided view, the copy would go through a pageable temporary.
     return t.contiguous().pin_memory().to(device, non_blocking=True)
-
 
 
 def eval_resize(x: Tensor, preprocessing: Preprocessing) -> Tensor:
@@ -248,8 +248,6 @@ def random_erase(x: Tensor, u: Tensor, p: float) -> Tensor:
               & (cols >= left.view(-1, 1, 1)) & (cols < (left + w).view(-1, 1, 1)))  # (B, H, W)
     erase = inside & (u[:, 4] < p).view(-1, 1, 1)
     return x.masked_fill(erase[:, None], 0.0)
-
-
 
 
 def pil_transform(*, train: bool, img_size: tuple[int, int], preprocessing: Preprocessing, augment: str | None,
