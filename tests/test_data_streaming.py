@@ -151,3 +151,28 @@ def test_a_file_that_fails_only_when_decoded_is_dropped_with_its_label(broken, w
     with pytest.raises(VitkitError, match=r"002a_late\.jpg") as caught:
         _all(strict)
     assert "\n" not in str(caught.value)
+
+
+def test_streaming_datasets_survive_spawned_workers(broken, tmp_path):
+    # macOS and Windows start DataLoader workers by "spawn", which pickles the dataset: every source's
+    # fetcher and every transform must pickle, and the unpickled copy must give the same image.
+    import pickle
+    import tarfile
+
+    archive = tmp_path / "ds.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(broken, arcname="")
+    loaders = []
+    for source, kwargs in ((broken, dict(max_train=12)), (archive, {}), (broken, dict(unlabelled=True)),
+                           (None, dict(random_erasing=0.5))):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            bundle = build_data(None if source is None else str(source), img_size=16, batch_size=4, in_memory=False,
+                                augment="none" if source is None else None, **kwargs)
+        loaders += [bundle.train, bundle.val]
+    for loader in loaders:
+        assert isinstance(loader, StreamingLoader)
+        copy = pickle.loads(pickle.dumps(loader.dataset))
+        with torch.random.fork_rng(devices=[]):
+            first = loader.dataset[(0, 7)][0]
+        assert torch.equal(copy[(0, 7)][0], first)

@@ -35,9 +35,8 @@ class Split:
         return len(self.names)
 
     def subset(self, keep: np.ndarray) -> "Split":
-        fetch = self.fetch
         return Split(names=[self.names[i] for i in keep], labels=self.labels[keep],
-                      fetch=None if fetch is None else (lambda i, _k=keep, _f=fetch: _f(int(_k[i]))),
+                      fetch=None if self.fetch is None else _SubsetFetch(self.fetch, keep),
                       pixels=None if self.pixels is None else self.pixels[keep], on_disk=self.on_disk)
 
 
@@ -122,19 +121,42 @@ def _open_folder(root: Path, split: str, *, need_train: bool = True) -> tuple[Sp
     entries = _folder_entries(chosen)
     class_names = sorted(d.name for d in _class_dirs(train or chosen))
     paths, labels, classes = _labelled(entries, str(root), chosen.name, class_names)
-    return Split(names=paths, labels=labels, fetch=_file_reader(paths), on_disk=True), classes
+    return Split(names=paths, labels=labels, fetch=_FileReader(paths), on_disk=True), classes
 
 
-def _file_reader(paths: list[str]) -> Callable[[int], bytes]:
+# The fetchers are classes, not closures: DataLoader workers started by "spawn" (macOS and
+# Windows) receive the dataset pickled, and a closure cannot be pickled.
+class _FileReader:
     """fetch(i): the bytes of file paths[i]; ImageReadError names a file that cannot be read."""
 
-    def fetch(i: int) -> bytes:
-        try:
-            return Path(paths[i]).read_bytes()
-        except OSError as error:
-            raise ImageReadError(paths[i], f"cannot be read ({error.strerror or error})") from None
+    def __init__(self, paths: list[str]) -> None:
+        self.paths = paths
 
-    return fetch
+    def __call__(self, i: int) -> bytes:
+        try:
+            return Path(self.paths[i]).read_bytes()
+        except OSError as error:
+            raise ImageReadError(self.paths[i], f"cannot be read ({error.strerror or error})") from None
+
+
+class _SubsetFetch:
+    """fetch(i) of a subset: sample keep[i] of the whole."""
+
+    def __init__(self, fetch: Callable[[int], bytes], keep: np.ndarray) -> None:
+        self.fetch, self.keep = fetch, keep
+
+    def __call__(self, i: int) -> bytes:
+        return self.fetch(int(self.keep[i]))
+
+
+class _BlobSlices:
+    """fetch(i): bytes offsets[i]:offsets[i + 1] of one blob (the built-in sample's layout)."""
+
+    def __init__(self, blob: np.ndarray, offsets: np.ndarray) -> None:
+        self.blob, self.offsets = blob, offsets
+
+    def __call__(self, i: int) -> bytes:
+        return self.blob[self.offsets[i]:self.offsets[i + 1]].tobytes()
 
 
 def _wanted(split: str, need_train: bool) -> str:
@@ -232,7 +254,7 @@ def open_unlabelled(data: str | None, split: str) -> tuple[Split, list[str]]:
         if (path / "train").is_dir() and any((path / n).is_dir() for n in _split_names("val")):
             return _open_folder(path, split)
         names = sorted(str(f) for f in path.rglob("*") if f.is_file() and _is_image_name(f.name))
-        fetch = _file_reader(names)
+        fetch = _FileReader(names)
     else:
         members = _read_archive(path)
         by_split = _archive_splits(members)
@@ -267,7 +289,7 @@ def _open_sample(split: str) -> tuple[Split, list[str]]:
     blob, offsets = arrays[f"{key}_bytes"], arrays[f"{key}_offsets"]
     labels = arrays[f"{key}_labels"].astype(np.int64)
     names = [f"sample:{key}/{i}" for i in range(len(labels))]
-    return (Split(names=names, labels=labels, fetch=lambda i: blob[offsets[i]:offsets[i + 1]].tobytes()),
+    return (Split(names=names, labels=labels, fetch=_BlobSlices(blob, offsets)),
             [str(c) for c in arrays["class_names"]])
 
 

@@ -250,15 +250,27 @@ def random_erase(x: Tensor, u: Tensor, p: float) -> Tensor:
     return x.masked_fill(erase[:, None], 0.0)
 
 
+class _EvalTransform:
+    """`vitkit.images.preprocess`, then optionally random erasing. A class, not a closure: spawned
+    DataLoader workers (macOS, Windows) receive it pickled."""
+
+    def __init__(self, preprocessing: Preprocessing, erase=None) -> None:
+        self.preprocessing, self.erase = preprocessing, erase
+
+    def __call__(self, image) -> Tensor:
+        from ..images import preprocess
+
+        x = preprocess(image, self.preprocessing)
+        return self.erase(x) if self.erase is not None else x
+
+
 def pil_transform(*, train: bool, img_size: tuple[int, int], preprocessing: Preprocessing, augment: str | None,
                    random_erasing: float):
     from torchvision.transforms import v2
 
-    from ..images import preprocess
-
     if not train or augment == "none":
-        erase = v2.RandomErasing(p=random_erasing) if train and random_erasing > 0 else (lambda x: x)
-        return lambda image: erase(preprocess(image, preprocessing))
+        erase = v2.RandomErasing(p=random_erasing) if train and random_erasing > 0 else None
+        return _EvalTransform(preprocessing, erase)
     steps = [v2.RandomResizedCrop(list(img_size), antialias=True) if min(img_size) > _SMALL_IMAGE
              else v2.Compose([v2.Resize(list(img_size), antialias=True),
                               v2.RandomCrop(list(img_size), padding=4, padding_mode="reflect")]),
