@@ -243,6 +243,7 @@ def test_explain_with_a_variant_name_uses_random_weights(tmp_path, monkeypatch):
 @pytest.mark.parametrize("extra, message", [
     (["--discard-ratio", "1.5"], "--discard-ratio"),
     (["--top-k", "0"], "--top-k"),
+    (["--device", "meta"], "--device"),  # torch accepts it; the figures cannot be drawn from it
 ])
 def test_explain_bad_arguments_fail_in_one_line(tmp_path, capsys, extra, message):
     model = tiny()
@@ -251,6 +252,7 @@ def test_explain_bad_arguments_fail_in_one_line(tmp_path, capsys, extra, message
     assert main(["explain", *images, "--model", str(tmp_path / "model"), "--out", str(tmp_path / "o"), *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
+    assert not (tmp_path / "o").exists()  # refused before anything is written
 
 
 def test_explain_missing_image_names_the_file(tmp_path, capsys):
