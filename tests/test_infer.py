@@ -179,3 +179,14 @@ def test_a_one_channel_model_is_refused_in_one_line_by_every_image_command(datas
         assert main(args) == 2
         err = capsys.readouterr().err.strip()
         assert "1-channel images" in err and "\n" not in err
+
+
+def test_predict_refuses_a_model_without_a_head(tmp_path, capsys):
+    # An MAE encoder (num_classes = 0) returns features; it printed empty predictions and exit 0.
+    model = create_model(ViTConfig(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2, mlp_dim=32,
+                                   num_classes=0))
+    source = save_pretrained(model, tmp_path / "encoder")
+    image = _any_image(tmp_path)
+    assert main(["predict", str(source), str(image), "--json"]) == 2
+    captured = capsys.readouterr()
+    assert "no classification head" in captured.err and "\n" not in captured.err.strip() and not captured.out

@@ -153,6 +153,10 @@ def predict(model: VisionTransformer, paths: list[str | Path], *, top_k: int = 5
     if top_k < 1:
         raise VitkitError(f"--top-k must be at least 1 (got {top_k})")
     require_rgb(model, what="predict")
+    if not model.config.num_classes:
+        # Its forward returns features, not logits: a softmax over them would be no prediction.
+        raise VitkitError("the model has no classification head (num_classes = 0, e.g. an MAE encoder); "
+                          "fine-tune it first: vitkit train --init SOURCE --data DIR")
     device = resolve_device(device)
     model = model.to(device).eval()
     names = label_names(model)
