@@ -190,3 +190,22 @@ def test_predict_refuses_a_model_without_a_head(tmp_path, capsys):
     assert main(["predict", str(source), str(image), "--json"]) == 2
     captured = capsys.readouterr()
     assert "no classification head" in captured.err and "\n" not in captured.err.strip() and not captured.out
+
+
+def test_per_class_accuracy_is_the_exact_fraction():
+    # 1 of 6 right: 1/6 as Python computes it, not a float32 quotient (0.1666666716337204 in the JSON).
+    from types import SimpleNamespace
+
+    y = torch.tensor([0] * 6 + [1] * 2)
+    logits = torch.nn.functional.one_hot(torch.tensor([0, 1, 1, 1, 1, 1, 1, 1]), 2).float()
+
+    class Fixed(torch.nn.Module):
+        config = SimpleNamespace(num_classes=2)
+
+        def forward(self, x):
+            return logits
+
+    loader = SimpleNamespace(device=torch.device("cpu"), iterate=lambda epoch: [(torch.zeros(8, 3, 4, 4), y)])
+    result = evaluate(Fixed(), loader, class_names=["a", "b"])
+    assert result["per_class"] == {"a": 1 / 6, "b": 1.0}
+    assert result["top1"] == 3 / 8

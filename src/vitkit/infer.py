@@ -75,8 +75,9 @@ def evaluate(model: VisionTransformer, loader: BatchLoader, *, class_names: list
     n = int(confusion.sum())
     if n == 0:
         raise VitkitError("the evaluation split holds no readable images")
-    per_class_total = confusion.sum(1)
-    per_class = {names[i]: (float(confusion[i, i] / per_class_total[i]) if per_class_total[i] else None)
+    per_class_total = confusion.sum(1).tolist()
+    # Python ints: dividing int64 tensors gives float32, and 1/20 printed as 0.05000000074505806.
+    per_class = {names[i]: (int(confusion[i, i]) / per_class_total[i] if per_class_total[i] else None)
                  for i in range(K)}
     return {"n": n, "top1": float(confusion.diag().sum()) / n, "top5": top5_hits / n,
             "per_class": per_class, "confusion": confusion.tolist()}
