@@ -209,3 +209,16 @@ def test_per_class_accuracy_is_the_exact_fraction():
     result = evaluate(Fixed(), loader, class_names=["a", "b"])
     assert result["per_class"] == {"a": 1 / 6, "b": 1.0}
     assert result["top1"] == 3 / 8
+
+
+def test_eval_out_that_is_a_file_fails_before_the_pass(dataset, colour_model, tmp_path, capsys, monkeypatch):
+    import vitkit.infer
+
+    out = tmp_path / "taken"
+    out.write_text("keep me")
+    passes = []
+    monkeypatch.setattr(vitkit.infer, "evaluate", lambda *a, **k: passes.append(1))
+    assert main(["eval", str(colour_model), "--data", str(dataset), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(out) in err and "\n" not in err
+    assert passes == [] and out.read_text() == "keep me"  # no evaluation wasted, nothing overwritten

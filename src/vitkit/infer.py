@@ -133,11 +133,13 @@ def evaluate_source(model: VisionTransformer, *, source: str, data: str | None, 
                                                       device=device, split=split, workers=workers, strict=strict,
                                                       class_names=list(model.class_names) if model.class_names else None)
     check_class_names(model, data_classes, source=source, data=data)
+    if out is not None:
+        # After the checks, before the pass, which may take hours: an --out that is a file must not waste it.
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
     result = evaluate(model, loader, class_names=data_classes)
     result["skipped"] = skipped
     if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(result, indent=2))
         result["confusion_png"] = str(confusion_figure(result["confusion"], data_classes, out / "confusion.png",
                                                        title=f"{Path(source).name}: top-1 {result['top1']:.1%} "
