@@ -222,3 +222,18 @@ def test_eval_out_that_is_a_file_fails_before_the_pass(dataset, colour_model, tm
     err = capsys.readouterr().err.strip()
     assert str(out) in err and "\n" not in err
     assert passes == [] and out.read_text() == "keep me"  # no evaluation wasted, nothing overwritten
+
+
+def test_confusion_figure_leaves_the_callers_matplotlib_backend_alone(tmp_path):
+    import matplotlib
+
+    from vitkit.infer import confusion_figure
+
+    before = matplotlib.get_backend()
+    try:
+        matplotlib.use("svg")  # a notebook's or GUI's backend, as far as this test can tell
+        path = confusion_figure([[3, 1], [0, 4]], ["a", "b"], tmp_path / "c.png")
+        assert matplotlib.get_backend() == "svg"
+        assert Image.open(path).size[0] > 300
+    finally:
+        matplotlib.use(before)

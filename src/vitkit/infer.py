@@ -88,10 +88,9 @@ def confusion_figure(confusion: list[list[int]], class_names: list[str], path: s
     """Save the confusion matrix as a PNG: rows normalised to the fraction of each true class,
     counts written in the cells when there is room, a colour bar, and the class names."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        # The Figure API, not pyplot, as plots.py and explain draw: pyplot's matplotlib.use("Agg")
+        # switched the backend of the notebook or GUI that called this.
+        from matplotlib.figure import Figure
     except ImportError:
         raise VitkitError("the confusion-matrix figure needs matplotlib: pip install matplotlib") from None
     import numpy as np
@@ -100,7 +99,8 @@ def confusion_figure(confusion: list[list[int]], class_names: list[str], path: s
     K = len(class_names)
     fractions = counts / np.maximum(counts.sum(1, keepdims=True), 1)
     size = min(4 + 0.45 * K, 30)
-    fig, ax = plt.subplots(figsize=(size + 1.5, size), dpi=100)
+    fig = Figure(figsize=(size + 1.5, size), dpi=100)
+    ax = fig.subplots()
     shown = ax.imshow(fractions, cmap="Blues", vmin=0.0, vmax=1.0)
     fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
     ax.set_xticks(range(K), class_names, rotation=45 if K <= 30 else 90, ha="right", fontsize=max(5, 10 - K // 20))
@@ -117,7 +117,6 @@ def confusion_figure(confusion: list[list[int]], class_names: list[str], path: s
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 
