@@ -238,6 +238,8 @@ def test_explain_with_a_variant_name_uses_random_weights(tmp_path, monkeypatch):
         img_size=32, depth=1, embed_dim=32, num_heads=2, mlp_dim=32, num_classes=3)))
     assert main(["explain", *images, "--model", "explain-test-tiny", "--out", str(tmp_path / "o")]) == 0
     assert (tmp_path / "o" / "01-img0-rollout.png").is_file()
+    # No class names: labelled class_0 ... as `vitkit predict` labels them, not by bare indices.
+    assert re.findall(r"<tr><td>([^<]+)</td>", (tmp_path / "o" / "report.html").read_text())[0].startswith("class_")
 
 
 @pytest.mark.parametrize("extra, message", [

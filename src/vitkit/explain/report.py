@@ -14,7 +14,7 @@ import torch
 
 from ..errors import VitkitError
 from ..images import ImageReadError, list_images, preprocess, read_image, require_rgb
-from ..infer import resolve_device
+from ..infer import label_names, resolve_device
 from ..model import VisionTransformer
 from . import analysis, figures
 
@@ -142,7 +142,7 @@ def explain(*, images: list[str | Path], model: VisionTransformer, out_dir: str 
                                             dist_token=reads_dist)
         rollout = analysis.attention_rollout(record.attentions, num_prefix=num_prefix, class_token=reads_class,
                                              fusion=fusion, discard_ratio=discard_ratio, dist_token=reads_dist)
-        top = (analysis.top_predictions(record.logits, k=top_k, class_names=model.class_names)
+        top = (analysis.top_predictions(record.logits, k=top_k, class_names=label_names(model))
                if config.num_classes else None)
         for b, path in enumerate(chunk):
             index = len(per_image)
