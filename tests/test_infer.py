@@ -121,6 +121,8 @@ def test_predict_missing_inputs(colour_model, tmp_path, capsys):
     assert main(["predict", str(colour_model), str(tmp_path / "nope.png"), "--json"]) == 1
     line = json.loads(capsys.readouterr().out.strip())
     assert "no such file" in line["error"]
+    assert main(["predict", str(colour_model), str(tmp_path / "nope.png")]) == 1
+    assert capsys.readouterr().out.strip() == f"{tmp_path / 'nope.png'}: error: no such file"
     (tmp_path / "empty").mkdir()
     # Beside inputs that work, a folder or pattern that yields nothing is reported, not dropped.
     image = next(colour_model.parent.rglob("*.png"), None) or _any_image(tmp_path)
