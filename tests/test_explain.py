@@ -317,6 +317,12 @@ def test_grid_panels_of_non_square_patches_keep_the_patch_shape():
     maps = np.random.default_rng(0).random((2, 3, 30))
     attention = figures.draw_class_attention(maps, grid=(3, 10), title="t", cell_aspect=2.0)
     assert attention.axes[0].get_aspect() == 2.0
+    similarity = figures.draw_position_similarity(np.zeros((3, 10, 3, 10)), cell_aspect=2.0)
+    assert similarity.axes[0].get_aspect() == 2.0
+    # Each figure is sized as drawn (rows of cells twice as tall), not as if the cells were square.
+    for figure, rows, cols in ((attention, 2 * 4 - 1, 3 * 11 - 1), (similarity, 3 * 4 - 1, 10 * 11 - 1)):
+        width, height = figure.get_size_inches()
+        assert (width - 1.6) / (height - 1.0) == pytest.approx(cols / (2.0 * rows))
 
 
 def test_a_distilled_models_maps_average_the_class_and_dist_rows():

@@ -115,8 +115,8 @@ def explain(*, images: list[str | Path], model: VisionTransformer, out_dir: str 
         model_png["filters"] = save("filters", figures.draw_filters(components, explained=explained))
     except VitkitError as error:
         notes["filters"] = str(error)
-    model_png["position"] = save("position_similarity",
-                                 figures.draw_position_similarity(analysis.position_similarity(model)))
+    model_png["position"] = save("position_similarity", figures.draw_position_similarity(
+        analysis.position_similarity(model), cell_aspect=stride[0] / stride[1]))
 
     # Image-level figures, computed a chunk of images at a time.
     per_image: list[_ImageFigures] = []
