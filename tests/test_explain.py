@@ -238,11 +238,14 @@ def test_explain_with_a_variant_name_uses_random_weights(tmp_path, monkeypatch):
         img_size=32, depth=1, embed_dim=32, num_heads=2, mlp_dim=32, num_classes=3)))
     assert main(["explain", *images, "--model", "explain-test-tiny", "--out", str(tmp_path / "o")]) == 0
     assert (tmp_path / "o" / "01-img0-rollout.png").is_file()
+    # No class names: labelled class_0 ... as `vitkit predict` labels them, not by bare indices.
+    assert re.findall(r"<tr><td>([^<]+)</td>", (tmp_path / "o" / "report.html").read_text())[0].startswith("class_")
 
 
 @pytest.mark.parametrize("extra, message", [
     (["--discard-ratio", "1.5"], "--discard-ratio"),
     (["--top-k", "0"], "--top-k"),
+    (["--device", "meta"], "--device"),  # torch accepts it; the figures cannot be drawn from it
 ])
 def test_explain_bad_arguments_fail_in_one_line(tmp_path, capsys, extra, message):
     model = tiny()
@@ -251,6 +254,7 @@ def test_explain_bad_arguments_fail_in_one_line(tmp_path, capsys, extra, message
     assert main(["explain", *images, "--model", str(tmp_path / "model"), "--out", str(tmp_path / "o"), *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
+    assert not (tmp_path / "o").exists()  # refused before anything is written
 
 
 def test_explain_missing_image_names_the_file(tmp_path, capsys):
@@ -313,6 +317,12 @@ def test_grid_panels_of_non_square_patches_keep_the_patch_shape():
     maps = np.random.default_rng(0).random((2, 3, 30))
     attention = figures.draw_class_attention(maps, grid=(3, 10), title="t", cell_aspect=2.0)
     assert attention.axes[0].get_aspect() == 2.0
+    similarity = figures.draw_position_similarity(np.zeros((3, 10, 3, 10)), cell_aspect=2.0)
+    assert similarity.axes[0].get_aspect() == 2.0
+    # Each figure is sized as drawn (rows of cells twice as tall), not as if the cells were square.
+    for figure, rows, cols in ((attention, 2 * 4 - 1, 3 * 11 - 1), (similarity, 3 * 4 - 1, 10 * 11 - 1)):
+        width, height = figure.get_size_inches()
+        assert (width - 1.6) / (height - 1.0) == pytest.approx(cols / (2.0 * rows))
 
 
 def test_a_distilled_models_maps_average_the_class_and_dist_rows():

@@ -121,6 +121,8 @@ def test_predict_missing_inputs(colour_model, tmp_path, capsys):
     assert main(["predict", str(colour_model), str(tmp_path / "nope.png"), "--json"]) == 1
     line = json.loads(capsys.readouterr().out.strip())
     assert "no such file" in line["error"]
+    assert main(["predict", str(colour_model), str(tmp_path / "nope.png")]) == 1
+    assert capsys.readouterr().out.strip() == f"{tmp_path / 'nope.png'}: error: no such file"
     (tmp_path / "empty").mkdir()
     # Beside inputs that work, a folder or pattern that yields nothing is reported, not dropped.
     image = next(colour_model.parent.rglob("*.png"), None) or _any_image(tmp_path)
@@ -179,3 +181,61 @@ def test_a_one_channel_model_is_refused_in_one_line_by_every_image_command(datas
         assert main(args) == 2
         err = capsys.readouterr().err.strip()
         assert "1-channel images" in err and "\n" not in err
+
+
+def test_predict_refuses_a_model_without_a_head(tmp_path, capsys):
+    # An MAE encoder (num_classes = 0) returns features; it printed empty predictions and exit 0.
+    model = create_model(ViTConfig(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2, mlp_dim=32,
+                                   num_classes=0))
+    source = save_pretrained(model, tmp_path / "encoder")
+    image = _any_image(tmp_path)
+    assert main(["predict", str(source), str(image), "--json"]) == 2
+    captured = capsys.readouterr()
+    assert "no classification head" in captured.err and "\n" not in captured.err.strip() and not captured.out
+
+
+def test_per_class_accuracy_is_the_exact_fraction():
+    # 1 of 6 right: 1/6 as Python computes it, not a float32 quotient (0.1666666716337204 in the JSON).
+    from types import SimpleNamespace
+
+    y = torch.tensor([0] * 6 + [1] * 2)
+    logits = torch.nn.functional.one_hot(torch.tensor([0, 1, 1, 1, 1, 1, 1, 1]), 2).float()
+
+    class Fixed(torch.nn.Module):
+        config = SimpleNamespace(num_classes=2)
+
+        def forward(self, x):
+            return logits
+
+    loader = SimpleNamespace(device=torch.device("cpu"), iterate=lambda epoch: [(torch.zeros(8, 3, 4, 4), y)])
+    result = evaluate(Fixed(), loader, class_names=["a", "b"])
+    assert result["per_class"] == {"a": 1 / 6, "b": 1.0}
+    assert result["top1"] == 3 / 8
+
+
+def test_eval_out_that_is_a_file_fails_before_the_pass(dataset, colour_model, tmp_path, capsys, monkeypatch):
+    import vitkit.infer
+
+    out = tmp_path / "taken"
+    out.write_text("keep me")
+    passes = []
+    monkeypatch.setattr(vitkit.infer, "evaluate", lambda *a, **k: passes.append(1))
+    assert main(["eval", str(colour_model), "--data", str(dataset), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(out) in err and "\n" not in err
+    assert passes == [] and out.read_text() == "keep me"  # no evaluation wasted, nothing overwritten
+
+
+def test_confusion_figure_leaves_the_callers_matplotlib_backend_alone(tmp_path):
+    import matplotlib
+
+    from vitkit.infer import confusion_figure
+
+    before = matplotlib.get_backend()
+    try:
+        matplotlib.use("svg")  # a notebook's or GUI's backend, as far as this test can tell
+        path = confusion_figure([[3, 1], [0, 4]], ["a", "b"], tmp_path / "c.png")
+        assert matplotlib.get_backend() == "svg"
+        assert Image.open(path).size[0] > 300
+    finally:
+        matplotlib.use(before)

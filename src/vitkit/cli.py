@@ -150,7 +150,8 @@ def _run_predict(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(result), flush=True)
         elif "error" in result:
-            print(f"{result['path']}: error: {result['error']}")
+            # The error names the file already: "a.jpg: error: no such file", not "a.jpg: error: a.jpg: ...".
+            print(f"{result['path']}: error: {result['error'].removeprefix(result['path'] + ': ')}")
         else:
             print(f"{result['path']}: " + ", ".join(f"{p['label']} {p['prob']:.3f}" for p in result["predictions"]))
     return EXIT_PARTIAL if any("error" in r for r in results) else EXIT_OK

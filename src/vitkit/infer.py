@@ -75,8 +75,9 @@ def evaluate(model: VisionTransformer, loader: BatchLoader, *, class_names: list
     n = int(confusion.sum())
     if n == 0:
         raise VitkitError("the evaluation split holds no readable images")
-    per_class_total = confusion.sum(1)
-    per_class = {names[i]: (float(confusion[i, i] / per_class_total[i]) if per_class_total[i] else None)
+    per_class_total = confusion.sum(1).tolist()
+    # Python ints: dividing int64 tensors gives float32, and 1/20 printed as 0.05000000074505806.
+    per_class = {names[i]: (int(confusion[i, i]) / per_class_total[i] if per_class_total[i] else None)
                  for i in range(K)}
     return {"n": n, "top1": float(confusion.diag().sum()) / n, "top5": top5_hits / n,
             "per_class": per_class, "confusion": confusion.tolist()}
@@ -87,10 +88,9 @@ def confusion_figure(confusion: list[list[int]], class_names: list[str], path: s
     """Save the confusion matrix as a PNG: rows normalised to the fraction of each true class,
     counts written in the cells when there is room, a colour bar, and the class names."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        # The Figure API, not pyplot, as plots.py and explain draw: pyplot's matplotlib.use("Agg")
+        # switched the backend of the notebook or GUI that called this.
+        from matplotlib.figure import Figure
     except ImportError:
         raise VitkitError("the confusion-matrix figure needs matplotlib: pip install matplotlib") from None
     import numpy as np
@@ -99,7 +99,8 @@ def confusion_figure(confusion: list[list[int]], class_names: list[str], path: s
     K = len(class_names)
     fractions = counts / np.maximum(counts.sum(1, keepdims=True), 1)
     size = min(4 + 0.45 * K, 30)
-    fig, ax = plt.subplots(figsize=(size + 1.5, size), dpi=100)
+    fig = Figure(figsize=(size + 1.5, size), dpi=100)
+    ax = fig.subplots()
     shown = ax.imshow(fractions, cmap="Blues", vmin=0.0, vmax=1.0)
     fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
     ax.set_xticks(range(K), class_names, rotation=45 if K <= 30 else 90, ha="right", fontsize=max(5, 10 - K // 20))
@@ -116,7 +117,6 @@ def confusion_figure(confusion: list[list[int]], class_names: list[str], path: s
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 
@@ -132,11 +132,13 @@ def evaluate_source(model: VisionTransformer, *, source: str, data: str | None, 
                                                       device=device, split=split, workers=workers, strict=strict,
                                                       class_names=list(model.class_names) if model.class_names else None)
     check_class_names(model, data_classes, source=source, data=data)
+    if out is not None:
+        # After the checks, before the pass, which may take hours: an --out that is a file must not waste it.
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
     result = evaluate(model, loader, class_names=data_classes)
     result["skipped"] = skipped
     if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(result, indent=2))
         result["confusion_png"] = str(confusion_figure(result["confusion"], data_classes, out / "confusion.png",
                                                        title=f"{Path(source).name}: top-1 {result['top1']:.1%} "
@@ -153,6 +155,10 @@ def predict(model: VisionTransformer, paths: list[str | Path], *, top_k: int = 5
     if top_k < 1:
         raise VitkitError(f"--top-k must be at least 1 (got {top_k})")
     require_rgb(model, what="predict")
+    if not model.config.num_classes:
+        # Its forward returns features, not logits: a softmax over them would be no prediction.
+        raise VitkitError("the model has no classification head (num_classes = 0, e.g. an MAE encoder); "
+                          "fine-tune it first: vitkit train --init SOURCE --data DIR")
     device = resolve_device(device)
     model = model.to(device).eval()
     names = label_names(model)

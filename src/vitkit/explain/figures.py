@@ -184,15 +184,18 @@ def _colormap(name: str):
     return matplotlib.colormaps[name].with_extremes(bad="white")
 
 
-def draw_position_similarity(similarity: np.ndarray, *, title: str = "") -> object:
+def draw_position_similarity(similarity: np.ndarray, *, title: str = "", cell_aspect: float = 1.0) -> object:
     """Cosine similarity of each position's embedding with all others (paper Fig. 7 centre).
-    similarity: (gh, gw, gh, gw); panel (i, j) is position (i, j)'s map over the grid."""
+    similarity: (gh, gw, gh, gw); panel (i, j) is position (i, j)'s map over the grid.
+    cell_aspect: a patch's height over its width, as in `draw_class_attention`."""
     gh, gw = similarity.shape[:2]
     mosaic = _mosaic(similarity)
-    width, height = _display_size(*mosaic.shape, 6.5)
+    # Sized as drawn, cells cell_aspect times as tall as wide, so no blank band frames the mosaic.
+    width, height = _display_size(mosaic.shape[0] * cell_aspect, mosaic.shape[1], 6.5)
     fig = _figure(width + 1.6, height + 1.0)
     ax = fig.add_subplot()
-    image = ax.imshow(mosaic, cmap=_colormap("viridis"), vmin=-1, vmax=1, interpolation="nearest")
+    image = ax.imshow(mosaic, cmap=_colormap("viridis"), vmin=-1, vmax=1, interpolation="nearest",
+                      aspect=cell_aspect)
     _panel_ticks(ax, rows=gh, cols=gw, h=gh, w=gw, row_label="input patch row", col_label="input patch column")
     fig.colorbar(image, ax=ax, shrink=0.8, label="cosine similarity")
     ax.set_title(title or "Position embedding similarity (Fig. 7 centre)", fontsize=11)
@@ -243,7 +246,7 @@ def draw_class_attention(maps: np.ndarray, *, grid: tuple[int, int], title: str,
     peak = panels.max(axis=(2, 3), keepdims=True)
     panels = panels / np.where(peak > 0, peak, 1.0)
     mosaic = _mosaic(panels)
-    width, height = _display_size(*mosaic.shape, min(11.0, 0.9 * max(L, heads) + 2.0))
+    width, height = _display_size(mosaic.shape[0] * cell_aspect, mosaic.shape[1], min(11.0, 0.9 * max(L, heads) + 2.0))
     fig = _figure(width + 1.6, height + 1.0)
     ax = fig.add_subplot()
     image = ax.imshow(mosaic, cmap=_colormap("inferno"), vmin=0, vmax=1, interpolation="nearest", aspect=cell_aspect)

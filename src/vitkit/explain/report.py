@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import VitkitError, first_line
+from ..errors import VitkitError
 from ..images import ImageReadError, list_images, preprocess, read_image, require_rgb
+from ..infer import label_names, resolve_device
 from ..model import VisionTransformer
 from . import analysis, figures
 
@@ -75,11 +76,10 @@ def explain(*, images: list[str | Path], model: VisionTransformer, out_dir: str 
     paths = list_images(list(images))
     if not paths:
         raise VitkitError("no images given")
-    try:
-        device = torch.device(device)
-        model = model.to(device).eval()
-    except (RuntimeError, AssertionError) as error:
-        raise VitkitError(f"--device {device}: {first_line(error)}") from None
+    # The same check as predict and eval: a device vitkit cannot run on (meta, mps) is refused
+    # before any output is written, not met as a traceback halfway through the figures.
+    device = resolve_device(device)
+    model = model.to(device).eval()
     if not any(Path(p).is_file() for p in paths):  # before any figure is written: no half-made report
         first = _why_unreadable(paths[0])
         raise VitkitError(f"no image to explain: {first}" + (f" (and {len(paths) - 1} more)" if len(paths) > 1 else ""))
@@ -115,8 +115,8 @@ def explain(*, images: list[str | Path], model: VisionTransformer, out_dir: str 
         model_png["filters"] = save("filters", figures.draw_filters(components, explained=explained))
     except VitkitError as error:
         notes["filters"] = str(error)
-    model_png["position"] = save("position_similarity",
-                                 figures.draw_position_similarity(analysis.position_similarity(model)))
+    model_png["position"] = save("position_similarity", figures.draw_position_similarity(
+        analysis.position_similarity(model), cell_aspect=stride[0] / stride[1]))
 
     # Image-level figures, computed a chunk of images at a time.
     per_image: list[_ImageFigures] = []
@@ -142,7 +142,7 @@ def explain(*, images: list[str | Path], model: VisionTransformer, out_dir: str 
                                             dist_token=reads_dist)
         rollout = analysis.attention_rollout(record.attentions, num_prefix=num_prefix, class_token=reads_class,
                                              fusion=fusion, discard_ratio=discard_ratio, dist_token=reads_dist)
-        top = (analysis.top_predictions(record.logits, k=top_k, class_names=model.class_names)
+        top = (analysis.top_predictions(record.logits, k=top_k, class_names=label_names(model))
                if config.num_classes else None)
         for b, path in enumerate(chunk):
             index = len(per_image)
