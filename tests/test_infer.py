@@ -239,3 +239,21 @@ def test_confusion_figure_leaves_the_callers_matplotlib_backend_alone(tmp_path):
         assert Image.open(path).size[0] > 300
     finally:
         matplotlib.use(before)
+
+
+def test_predictions_arrive_batch_by_batch_in_order(colour_model, dataset, tmp_path, monkeypatch):
+    # A big folder shows its first lines once their batch has run, not after the last image.
+    import vitkit.infer as infer
+    from vitkit.infer import iter_predict
+
+    files = sorted((dataset / "val").glob("*/*.png"))[:5]
+    files.insert(1, tmp_path / "missing.png")  # an error between two batched images keeps its place
+    reads = []
+    real = infer.read_image
+    monkeypatch.setattr(infer, "read_image", lambda path: (reads.append(path), real(path))[1])
+    results = iter_predict(load_pretrained(colour_model), files, top_k=1, batch_size=2)
+    first = next(results)
+    assert first["path"] == str(files[0]) and "predictions" in first and len(reads) == 3  # one batch of 2, and the missing file
+    rest = list(results)
+    assert [r["path"] for r in rest] == [str(f) for f in files[1:]] and "error" in rest[0]
+    assert [first, *rest] == predict(load_pretrained(colour_model), files, top_k=1)

@@ -139,22 +139,24 @@ def _run_predict(args: argparse.Namespace) -> int:
     import json
 
     from .images import list_images
-    from .infer import predict
+    from .infer import iter_predict
 
     paths = list_images(args.images)
     if not paths:
         raise VitkitError(f"no images found in {' '.join(args.images)}")
     model = load_or_create(args.source, model=args.model)
-    results = predict(model, paths, top_k=args.top_k, device=args.device)
-    for result in results:
+    failed = False
+    for result in iter_predict(model, paths, top_k=args.top_k, device=args.device):
+        failed = failed or "error" in result
         if args.json:
             print(json.dumps(result), flush=True)
         elif "error" in result:
             # The error names the file already: "a.jpg: error: no such file", not "a.jpg: error: a.jpg: ...".
-            print(f"{result['path']}: error: {result['error'].removeprefix(result['path'] + ': ')}")
+            print(f"{result['path']}: error: {result['error'].removeprefix(result['path'] + ': ')}", flush=True)
         else:
-            print(f"{result['path']}: " + ", ".join(f"{p['label']} {p['prob']:.3f}" for p in result["predictions"]))
-    return EXIT_PARTIAL if any("error" in r for r in results) else EXIT_OK
+            print(f"{result['path']}: " + ", ".join(f"{p['label']} {p['prob']:.3f}" for p in result["predictions"]),
+                  flush=True)
+    return EXIT_PARTIAL if failed else EXIT_OK
 
 
 # ---------------------------------------------------------------------------- bench

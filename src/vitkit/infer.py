@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -146,12 +147,19 @@ def evaluate_source(model: VisionTransformer, *, source: str, data: str | None, 
     return result
 
 
-@torch.no_grad()
 def predict(model: VisionTransformer, paths: list[str | Path], *, top_k: int = 5,
             device: str | torch.device | None = None, batch_size: int = 32) -> list[dict[str, Any]]:
     """Classify each image file with the model's stored preprocessing. Returns one dict per
     path, in order: {"path", "predictions": [{"label", "prob"}, ...]} (top_k, most likely first),
     or {"path", "error"} for a file that cannot be read; one bad file never stops the others."""
+    return list(iter_predict(model, paths, top_k=top_k, device=device, batch_size=batch_size))
+
+
+@torch.no_grad()
+def iter_predict(model: VisionTransformer, paths: list[str | Path], *, top_k: int = 5,
+                 device: str | torch.device | None = None, batch_size: int = 32) -> Iterator[dict[str, Any]]:
+    """`predict`'s results one at a time, in the order of `paths`, each as soon as its batch has
+    run: a folder of thousands shows its first lines at once, and an interrupted run keeps them."""
     if top_k < 1:
         raise VitkitError(f"--top-k must be at least 1 (got {top_k})")
     require_rgb(model, what="predict")
@@ -163,8 +171,9 @@ def predict(model: VisionTransformer, paths: list[str | Path], *, top_k: int = 5
     model = model.to(device).eval()
     names = label_names(model)
     k = min(top_k, len(names))
-    results: list[dict[str, Any]] = [{"path": str(p)} for p in paths]
+    results: list[dict[str, Any] | None] = [None] * len(paths)
     pending: list[tuple[int, torch.Tensor]] = []
+    shown = 0  # results[:shown] have been yielded
 
     def flush() -> None:
         if not pending:
@@ -173,18 +182,20 @@ def predict(model: VisionTransformer, paths: list[str | Path], *, top_k: int = 5
         probs = model(x).float().softmax(dim=1)
         values, indices = probs.topk(k, dim=1)
         for (i, _), vals, idx in zip(pending, values.tolist(), indices.tolist()):
-            results[i]["predictions"] = [{"label": names[j], "prob": round(v, 6)} for v, j in zip(vals, idx)]
+            results[i] = {"path": str(paths[i]),
+                          "predictions": [{"label": names[j], "prob": round(v, 6)} for v, j in zip(vals, idx)]}
         pending.clear()
 
     for i, path in enumerate(paths):
         try:
             pending.append((i, preprocess(read_image(path), model.preprocessing)))
         except ImageReadError as error:
-            results[i]["error"] = str(error)
-        if len(pending) >= batch_size:
+            results[i] = {"path": str(path), "error": str(error)}
+        if len(pending) >= batch_size or i == len(paths) - 1:
             flush()
-    flush()
-    return results
+        while shown < len(results) and results[shown] is not None:
+            yield results[shown]
+            shown += 1
 
 
-__all__ = ["evaluate", "evaluate_source", "predict", "confusion_figure", "check_class_names", "resolve_device"]
+__all__ = ["evaluate", "evaluate_source", "predict", "iter_predict", "confusion_figure", "check_class_names", "resolve_device"]
