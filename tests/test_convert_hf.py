@@ -211,18 +211,35 @@ def test_hf_image_processor_is_followed_on_non_square_images(tmp_path):
     assert vitkit.load_pretrained(tmp_path / "ours").preprocessing.resize_mode == "exact"
 
 
-def test_online_download_skips_the_bin_when_safetensors_exist(monkeypatch):
-    # Many Hub repos hold both weight files; fetching both would double the download.
+def test_download_fetches_the_bin_only_without_safetensors_and_never_lists_the_repo(tmp_path, monkeypatch):
+    # Many Hub repos hold both weight files; fetching both would double the download. Nor may it
+    # ask the Hub for a listing first: with no network that costs ~23 s of retries before the
+    # cache is used.
+    import fnmatch
+
     import huggingface_hub
 
-    from vitkit.convert.hf import _hub_patterns
+    from vitkit.convert.hf import download_hf_hub
 
-    listings = {"org/both": ["config.json", "model.safetensors", "pytorch_model.bin"],
-                "org/old": ["config.json", "pytorch_model.bin"]}
-    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo_id: listings[repo_id])
-    assert "pytorch_model.bin" not in _hub_patterns("org/both", offline=False)
-    assert "pytorch_model.bin" in _hub_patterns("org/old", offline=False)
-    assert "pytorch_model.bin" in _hub_patterns("org/both", offline=True)  # the cache holds what it holds
+    repos = {"org/both": ["config.json", "model.safetensors", "pytorch_model.bin"],
+             "org/old": ["config.json", "pytorch_model.bin"]}
+
+    def snapshot_download(repo_id, *, allow_patterns, local_files_only, cache_dir):
+        folder = tmp_path / repo_id
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in repos[repo_id]:
+            if any(fnmatch.fnmatch(name, p) for p in allow_patterns):
+                (folder / name).write_text("")
+        return str(folder)
+
+    def list_repo_files(*args, **kwargs):
+        raise AssertionError("the repository was listed")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", list_repo_files)
+    assert sorted(p.name for p in download_hf_hub("org/both").iterdir()) == ["config.json", "model.safetensors"]
+    assert "pytorch_model.bin" in {p.name for p in download_hf_hub("org/old").iterdir()}
 
 
 def test_a_classifier_file_with_pooler_weights_gives_hf_logits(tmp_path):

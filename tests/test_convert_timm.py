@@ -198,3 +198,54 @@ def test_a_pooling_a_timm_file_cannot_say_is_warned_about(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(ref(x), model(x))
+
+
+def _timm_hub_cache(cache, repo_id, model, **model_config):
+    # What timm's push_to_hf_hub uploads (config.json naming the architecture, beside the weights),
+    # in the layout huggingface_hub's cache gives it: refs/main holds the commit, snapshots/<commit>/ the files.
+    from timm.models._hub import save_for_hf
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    save_for_hf(model, repo / "snapshots" / commit, model_config=model_config or None, safe_serialization=True)
+
+
+@pytest.mark.parametrize("name, kw", [
+    ("vit_small_patch16_384.augreg_in21k_ft_in1k", dict(depth=2, embed_dim=96, num_heads=2)),
+    # a pooling no tensor shows: averaged, under the plain final norm
+    ("vit_tiny_patch16_224.augreg_in21k", dict(depth=2, num_classes=3, global_pool="avg", fc_norm=False)),
+    ("deit_tiny_distilled_patch16_224.fb_in1k", dict(depth=1)),
+])
+def test_timm_hub_repository_from_the_offline_cache(tmp_path, monkeypatch, name, kw):
+    ref = randomize(timm.create_model(name, pretrained=False, **kw)).eval()
+    labels = [f"kind{i}" for i in range(ref.num_classes)]
+    _timm_hub_cache(tmp_path / "cache", f"timm/{name}", ref, label_names=labels)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = vitkit.load_pretrained(f"hf-hub:timm/{name}")
+    x = torch.randn(2, 3, *ref.pretrained_cfg["input_size"][1:])
+    with torch.no_grad():
+        assert (model(x) - ref(x)).abs().max() <= 1e-4
+    data = timm.data.resolve_data_config({}, model=ref)  # timm's eval transform: resize, centre crop, normalise
+    p = model.preprocessing
+    assert p.crop == data["input_size"][1:] and p.resize == int(data["input_size"][1] // data["crop_pct"])
+    assert (p.mean, p.std, p.interpolation) == (data["mean"], data["std"], data["interpolation"])
+    assert model.class_names == labels
+
+
+def test_a_timm_hub_config_with_arguments_vitkit_does_not_build_is_one_line(tmp_path, capsys):
+    import json
+
+    from vitkit.cli import main
+
+    ref = randomize(timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1)).eval()
+    _timm_hub_cache(tmp_path / "cache", "timm/odd", ref)
+    config = next((tmp_path / "cache").rglob("config.json"))
+    meta = json.loads(config.read_text())
+    meta["model_args"]["block_fn"] = "ParallelScalingBlock"
+    config.write_text(json.dumps(meta))
+    assert main(["info", str(config.parent)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "config.json" in err and "block_fn" in err

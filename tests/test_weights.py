@@ -120,6 +120,16 @@ def test_npz_with_pickled_objects_is_refused(tmp_path):
         read_state_dict(tmp_path / "obj.npz")
 
 
+@pytest.mark.parametrize("content", [b"hello, not weights\n", b"\x80\x04K\x01."], ids=["text", "a_pickle"])
+def test_a_file_that_is_no_zip_is_not_a_npz_and_gets_no_advice_to_unpickle(tmp_path, capsys, content):
+    from vitkit.cli import main
+
+    (tmp_path / "w.npz").write_bytes(content)
+    assert main(["info", str(tmp_path / "w.npz")]) == 2
+    err = capsys.readouterr().err
+    assert "w.npz: not a .npz archive" in err and "unsafely" not in err and "pickle.load" not in err
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.binary(max_size=600), suffix=st.sampled_from([".safetensors", ".pth", ".bin", ".npz"]),
        prefix=st.sampled_from([b"", b"PK\x03\x04", b"\x80\x02", b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":"]))

@@ -5,6 +5,7 @@
   training run         RUN/best (or RUN/last) holding a vitkit directory
   HF transformers      directory with config.json {"model_type": "vit", ...}, or `hf-hub:ORG/NAME`
   timm state dict      .safetensors / .pth / .bin with timm's parameter names
+  timm Hub directory   config.json {"architecture": ..., "pretrained_cfg": ...} + weights, or `hf-hub:timm/NAME`
   JAX .npz             google-research/vision_transformer or big_vision layout
 The foreign formats live in vitkit.convert, one module each.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -149,20 +151,32 @@ def read_checkpoint(source: str | Path, *, base: ViTConfig | None = None) -> tup
             from .convert.hf import read_hf_dir
 
             return read_hf_dir(path, meta)
+        if "architecture" in meta and "pretrained_cfg" in meta:
+            from .convert.timm import read_timm_hub_dir
+
+            with _shape_errors_name(path):
+                return read_timm_hub_dir(path, meta, base=base)
         if best is None and "epochs" in meta and "model" in meta:  # a run's settings (vitkit.train.TrainConfig)
             raise CheckpointError(path, "a training run with no checkpoint yet (no best/ or last/ inside)")
-        raise CheckpointError(config_file, "neither a vitkit config (format: vitkit) nor a HuggingFace ViT config "
-                                           f"(model_type: vit); found keys {sorted(meta)[:8]}")
+        raise CheckpointError(config_file, "neither a vitkit config (format: vitkit), a HuggingFace ViT config "
+                                           f"(model_type: vit) nor a timm one (architecture); found keys {sorted(meta)[:8]}")
     if not path.exists():
         raise CheckpointError(path, "no such file or directory")
     from .convert.jax_npz import read_npz_checkpoint
     from .convert.timm import read_timm_state_dict
 
-    try:
+    with _shape_errors_name(path):
         if path.suffix.lower() == ".npz":
             return read_npz_checkpoint(path, base=base)
         return read_timm_state_dict(read_state_dict(path), base=base, source=str(path))
-    except (IndexError, ValueError, RuntimeError) as error:  # an array of a rank or size no ViT has
+
+
+@contextmanager
+def _shape_errors_name(path: Path):
+    """An array of a rank or size no ViT has fails deep in a reader: one line naming the file."""
+    try:
+        yield
+    except (IndexError, ValueError, RuntimeError) as error:
         raise CheckpointError(path, f"a weight of an unexpected shape ({type(error).__name__}: {first_line(error)})") from None
 
 

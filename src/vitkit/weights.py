@@ -122,6 +122,15 @@ def read_npz(path: str | Path) -> dict[str, np.ndarray]:
     """Read every array of an .npz file, never unpickling (allow_pickle=False)."""
     path = Path(path)
     try:
+        with open(path, "rb") as handle:
+            head = handle.read(2)
+    except OSError as error:
+        raise CheckpointError(path, f"cannot be read ({error.strerror or error})") from None
+    if head != b"PK":
+        # np.load takes any file that is neither a zip nor a .npy for a pickle: a text file or a
+        # damaged header would be "refused: pickled objects", with numpy's advice to load it unsafely.
+        raise CheckpointError(path, "not a .npz archive (a .npz is a zip file, and this one does not start like one)")
+    try:
         with np.load(str(path), allow_pickle=False) as archive:
             return {key: archive[key] for key in archive.files}
     except ValueError as error:

@@ -60,31 +60,22 @@ def download_hf_hub(repo_id: str) -> Path:
         raise CheckpointError(source, "expected hf-hub:ORG/NAME")
     # Read at call time: huggingface_hub reads these once, when it is first imported.
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    cache_dir = os.environ.get("HF_HUB_CACHE") or None
     try:
-        path = snapshot_download(repo_id, allow_patterns=_hub_patterns(repo_id, offline), local_files_only=offline,
-                                 cache_dir=os.environ.get("HF_HUB_CACHE") or None)
+        # Many repositories hold both weight files: the .bin is fetched only when no safetensors
+        # came. Asking the Hub for a file listing first would cost, with no network, ~23 s of
+        # retries before snapshot_download falls back to the cache.
+        path = Path(snapshot_download(repo_id, allow_patterns=[p for p in _HUB_FILES if not p.endswith(".bin")],
+                                      local_files_only=offline, cache_dir=cache_dir))
+        if not any(path.glob("*.safetensors")) and not (path / "pytorch_model.bin").is_file():
+            path = Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES, local_files_only=offline,
+                                          cache_dir=cache_dir))
     except LocalEntryNotFoundError:
         raise CheckpointError(source, "not in the local HuggingFace cache"
                               + (" and HF_HUB_OFFLINE is set" if offline else " and the Hub cannot be reached")) from None
     except (HfHubHTTPError, OSError, ValueError) as error:
         raise CheckpointError(source, f"cannot be downloaded ({first_line(error)})") from None
-    return Path(path)
-
-
-def _hub_patterns(repo_id: str, offline: bool) -> list[str]:
-    """The files to fetch: the .bin only for repositories without safetensors (many hold both,
-    and the weights would come down twice)."""
-    if offline:
-        return _HUB_FILES
-    from huggingface_hub import list_repo_files
-
-    try:
-        files = list_repo_files(repo_id)
-    except Exception:  # noqa: BLE001  unreachable Hub, private repo...: snapshot_download says why
-        return _HUB_FILES
-    if any(name.endswith(".safetensors") for name in files):
-        return [p for p in _HUB_FILES if not p.endswith(".bin")]
-    return _HUB_FILES
+    return path
 
 
 def read_hf_dir(path: Path, meta: dict[str, Any]) -> tuple[ViTConfig, dict[str, Tensor], dict[str, Any]]:

@@ -4,6 +4,9 @@ A timm file holds only tensors. Their shapes say width, depth, patch size, chann
 classes, prefix tokens, qkv bias, qk-norm, LayerScale, fc_norm and pre-logits; they cannot say
 the number of heads (a fused qkv is (3D, D) for any head count), and a non-square image size is
 not recoverable from the position-embedding length. For those the caller names the model.
+
+timm's Hub repositories (`hf-hub:timm/vit_base_patch16_224.augreg2_in21k_ft_in1k`) hold such a
+file beside a config.json that names the architecture and the preprocessing: `read_timm_hub_dir`.
 """
 
 from __future__ import annotations
@@ -13,9 +16,9 @@ from typing import Any
 
 from torch import Tensor
 
-from ..config import ViTConfig
-from ..errors import CheckpointError, VitkitError
-from ..variants import heads_for_width
+from ..config import Preprocessing, ViTConfig
+from ..errors import CheckpointError, VitkitError, first_line
+from ..variants import heads_for_width, resolve
 from ..weights import atomic_write
 from . import STEM_READERS, KeyTracker, block_count, patch_fields, refuse, square_grid
 
@@ -82,6 +85,75 @@ def read_timm_state_dict(state: dict[str, Tensor], *, base: ViTConfig | None, so
         raise CheckpointError(source, str(error)) from None
     # Every other key goes to the model as it is: load_state names any that do not fit.
     return config, {**{k: v for k, v in state.items() if k not in stem_keys}, **keys.out}, {}
+
+
+# timm's model_args (recorded in a Hub config.json) that are ViTConfig fields of the same meaning;
+# those that change only training, or inputs of other sizes (which vitkit resamples anyway).
+_SAME_ARGS = {"img_size", "patch_size", "in_chans", "num_classes", "global_pool", "embed_dim", "depth", "num_heads",
+              "qkv_bias", "qk_norm", "init_values", "class_token", "reg_tokens", "fc_norm", "drop_rate",
+              "attn_drop_rate", "drop_path_rate"}
+_INERT_ARGS = {"dynamic_img_size", "dynamic_img_pad", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate",
+               "weight_init"}
+_CROP_MODES = {"center": "shorter", "squash": "stretch"}  # timm's eval transforms, in vitkit's resize modes
+
+
+def read_timm_hub_dir(path: Path, meta: dict[str, Any], *, base: ViTConfig | None
+                      ) -> tuple[ViTConfig, dict[str, Tensor], dict[str, Any]]:
+    """A timm model directory as timm's `push_to_hf_hub` writes it (the Hub's timm/* repositories):
+    config.json {"architecture", "pretrained_cfg", ...} beside model.safetensors or pytorch_model.bin.
+    The architecture's name supplies what the tensors cannot say (heads, pooling, image size)
+    unless the caller names the model; pretrained_cfg gives the preprocessing, label_names the classes."""
+    from .hf import _read_weights
+
+    config_file = Path(path) / "config.json"
+    try:
+        if base is None:
+            base = _named_base(meta)
+        pre = meta["pretrained_cfg"]
+        size = tuple(int(n) for n in pre.get("input_size", (3, 224, 224))[1:])
+        crop_pct = float(pre.get("crop_pct", 0.875))
+        preprocessing = Preprocessing(
+            # timm's eval transform: resize to floor(size / crop_pct), centre crop to size
+            resize=int(min(size) // crop_pct), crop=size, interpolation=pre.get("interpolation", "bicubic"),
+            mean=tuple(pre.get("mean", (0.485, 0.456, 0.406))), std=tuple(pre.get("std", (0.229, 0.224, 0.225))),
+            # "border" (a pad around the crop) is rare; the centre crop comes closest
+            resize_mode=_CROP_MODES.get(pre.get("crop_mode", "center"), "shorter"))
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise CheckpointError(config_file, f"not a usable timm config ({first_line(error)})") from None
+    config, state, _ = read_timm_state_dict(_read_weights(Path(path)), base=base, source=str(path))
+    labels = meta.get("label_names")
+    if isinstance(labels, dict):  # {index: name}, as timm writes it when some indices have none
+        labels = [labels.get(str(i)) for i in range(config.num_classes)]
+    names = labels if isinstance(labels, list) and len(labels) == config.num_classes and all(
+        isinstance(n, str) for n in labels) else None
+    return config, state, {"class_names": names or None, "preprocessing": preprocessing}
+
+
+def _named_base(meta: dict[str, Any]) -> ViTConfig | None:
+    """The model config.json's architecture names, with its recorded model_args and pooling; None
+    for an architecture vitkit has no name for (the tensors and the width table then say it)."""
+    try:
+        named = resolve(str(meta["architecture"]))
+    except ValueError:
+        return None
+    args = dict(meta.get("model_args") or {})
+    unknown = sorted(set(args) - _SAME_ARGS - _INERT_ARGS - {"mlp_ratio", "no_embed_class"})
+    if unknown:
+        raise ValueError(f"model_args {unknown} that vitkit does not build")
+    changes = {k: v for k, v in args.items() if k in _SAME_ARGS}
+    if "mlp_ratio" in args or "embed_dim" in args:  # timm sizes the MLP by a ratio to the width
+        ratio = args.get("mlp_ratio", named.mlp_dim / named.embed_dim)
+        changes["mlp_dim"] = int(changes.get("embed_dim", named.embed_dim) * ratio)
+    if "no_embed_class" in args:
+        changes["prefix_pos_embed"] = not args["no_embed_class"]
+    if meta.get("global_pool") in ("token", "avg"):
+        changes["global_pool"] = meta["global_pool"]
+    if changes.get("class_token") is False and changes.get("global_pool", "token") == "token":
+        changes["global_pool"] = "avg"
+    size = (meta.get("pretrained_cfg") or {}).get("input_size")
+    if size and "img_size" not in changes:
+        changes["img_size"] = tuple(size[1:])
+    return named.replace(**changes)
 
 
 def _read_stem(keys: KeyTracker, fields: dict[str, Any]) -> dict[str, Any]:
