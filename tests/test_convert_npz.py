@@ -193,3 +193,11 @@ def test_convert_takes_a_model_name_as_info_and_export_do(tmp_path):
     assert main(["convert", "vit_cifar", str(tmp_path / "fresh.npz"), "--to", "npz"]) == 0
     assert vitkit.load_pretrained(tmp_path / "fresh.npz").config.embed_dim == vitkit.create_model("vit_cifar").config.embed_dim
     assert main(["convert", str(tmp_path / "nope"), str(tmp_path / "x.npz"), "--to", "npz"]) == 2
+
+
+def test_an_eps_the_npz_layout_cannot_say_is_warned(tmp_path):
+    model = vitkit.create_model(ViTConfig(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, mlp_dim=64,
+                                          norm_eps=1e-12))  # as read from an HF checkpoint
+    with pytest.warns(UserWarning, match="LayerNorm eps is 1e-12"):
+        write_npz(model, path=tmp_path / "hf.npz")
+    assert read_npz_checkpoint(tmp_path / "hf.npz")[0].norm_eps == 1e-6

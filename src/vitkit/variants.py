@@ -122,7 +122,9 @@ def paper_name(config: ViTConfig) -> str | None:
             name = f"ViT-{size.letter}/{patch[0]}" if patch[0] == patch[1] else f"ViT-{size.letter}/{patch[0]}x{patch[1]}"
             stem = config.hybrid_stem
             if stem and stem.get("type") == "resnet":
-                return f"R{3 * sum(stem.get('layers', [])) + 2}+{name}"  # R50 = 3 x (3+4+9) convs + 2
+                layers = stem.get("layers", [])
+                # R50 = 3 x (3+4+9) convs + 2; a stem of the root conv alone is timm's "R+"
+                return f"R{3 * sum(layers) + 2}+{name}" if layers else f"R+{name}"
             return f"{name} (conv stem)" if stem else name
     return None
 
