@@ -192,3 +192,17 @@ def test_every_compiled_row_is_compiled_however_many_came_before(monkeypatch):
         benchmark_throughput(model="tiny", config=TINY.replace(embed_dim=width), batch_size=2, precision="fp32",
                              peers=[], modes=["infer"], compile=True, **QUICK)
         assert graphs["unique_graphs"] > before
+
+
+
+def test_cpu_fp32_matmul_rate_is_the_faster_of_torch_and_onnxruntime(monkeypatch):
+    """MFU's yardstick on the CPU must be as fast as onnxruntime's matmul, whose row it measures:
+    torch's MKL matmul ran at half that rate on AVX-512 AMD EPYC cores, and the onnxruntime row's
+    MFU came out at 185%."""
+    import vitkit.bench as bench
+
+    assert bench._onnxruntime_matmul_tflops(256, repeats=1) > 0  # the real measurement runs
+    monkeypatch.setattr(bench, "_onnxruntime_matmul_tflops", lambda n, *, repeats: 1e3)  # far beyond torch's
+    assert bench.measure_matmul_tflops(device="cpu", size=256, repeats=1, dtype=torch.float32) == 1e3
+    # bf16 has no onnxruntime row to compare with: torch's own rate.
+    assert bench.measure_matmul_tflops(device="cpu", size=256, repeats=1, dtype=torch.bfloat16) < 1e3

@@ -82,6 +82,35 @@ def test_report_says_when_zero_logits_made_the_check_vacuous(tmp_path):
     assert "compared zeros" not in str(export_model(trained, format="torchscript", out=tmp_path / "n.pt"))
 
 
+@pytest.mark.parametrize("fmt,ext", [("onnx", "onnx"), ("torchscript", "pt"), ("exported-program", "pt2")])
+def test_every_export_says_how_to_feed_it(tmp_path, fmt, ext):
+    """A consumer of the file alone finds the normalisation, input size and class names."""
+    import json
+
+    from vitkit.config import Preprocessing
+
+    named = randomize(VisionTransformer(ViTConfig(**{**TINY, "num_classes": 2}))).eval()
+    named.class_names = ["cat", "dog"]
+    named.preprocessing = Preprocessing.for_size((32, 32), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    path = export_model(named, format=fmt, out=tmp_path / f"m.{ext}").path
+    if fmt == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        text = session.get_modelmeta().custom_metadata_map["config.json"]
+    else:
+        files = {"config.json": ""}
+        if fmt == "torchscript":
+            torch.jit.load(str(path), _extra_files=files)
+        else:
+            torch.export.load(str(path), extra_files=files)
+        text = files["config.json"]
+    meta = json.loads(text)
+    assert meta["class_names"] == ["cat", "dog"]
+    assert meta["preprocessing"]["mean"] == [0.485, 0.456, 0.406] and meta["preprocessing"]["crop"] == [32, 32]
+    assert meta["model"]["patch_size"] == [8, 8]
+
+
 # ---------------------------------------------------------------------------- one file, self-contained
 def test_onnx_is_one_self_contained_file(model, tmp_path):
     """The weights live inside the .onnx: copied alone to another folder, it still runs."""

@@ -11,6 +11,12 @@ a 1x1 grid is refused by the exported program's input check rather than computed
 
 An ONNX file holds its weights in itself up to the 2 GB protobuf limit; a larger model's weights
 go to `OUT.onnx.data` beside it, which the report names (keep the two files together).
+
+The graphs take normalised pixels; how to normalise them (resize, crop, mean, std) and the class
+names travel inside every file as the text of the model's config.json (`save_pretrained`'s),
+under the name "config.json": ONNX metadata (`session.get_modelmeta().custom_metadata_map`), an
+extra file of the TorchScript or .pt2 archive (`_extra_files=` of torch.jit.load,
+`extra_files=` of torch.export.load).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import VitkitError, first_line
+from .pretrained import CONFIG_FILE, config_json
 
 FORMATS = ("onnx", "torchscript", "exported-program")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2"}
@@ -136,6 +143,7 @@ def _write_and_check(model: nn.Module, *, format: str, out: Path, example: Tenso
     C = example.shape[1]
     (H, W), (H2, W2) = sizes
     data_path = None
+    metadata = {CONFIG_FILE: config_json(model)}
     if format == "torchscript":
         with torch.no_grad(), warnings.catch_warnings():
             # The tracer warns that the patch-divisibility checks become constants: they hold for
@@ -143,16 +151,16 @@ def _write_and_check(model: nn.Module, *, format: str, out: Path, example: Tenso
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             warnings.simplefilter("ignore", FutureWarning)
             traced = torch.jit.trace(model, (example,), check_trace=False)
-            traced.save(str(out))
+            traced.save(str(out), _extra_files=metadata)
             # Our own archive, just written; TorchScript archives hold code: load only files you made.
             run = torch.jit.load(str(out), map_location=param.device)
     else:
         program = _export_program(model, example)
         if format == "exported-program":
-            torch.export.save(program, str(out))
+            torch.export.save(program, str(out), extra_files=metadata)
             run = torch.export.load(str(out)).module()
         else:
-            run, data_path = _write_onnx(model, program, example, out)
+            run, data_path = _write_onnx(model, program, example, out, metadata)
 
     final_data = None if data_path is None else final.with_name(final.name + ".data")
     report = ExportReport(path=final, format=format, data_path=final_data)
@@ -203,8 +211,9 @@ def _export_program(model: nn.Module, example: Tensor) -> torch.export.ExportedP
         return torch.export.export(model, (example,), dynamic_shapes=_dynamic_shapes(model))
 
 
-def _write_onnx(model: nn.Module, program: torch.export.ExportedProgram, example: Tensor, out: Path):
-    """Write the ONNX file; return a callable that runs it in onnxruntime, and the path of the
+def _write_onnx(model: nn.Module, program: torch.export.ExportedProgram, example: Tensor, out: Path,
+                metadata: dict[str, str]):
+    """Write the ONNX file with `metadata` as its metadata_props; return a callable that runs it in onnxruntime, and the path of the
     external weights file if the model was too large to hold its weights in the .onnx (else None)."""
     try:
         import onnxruntime
@@ -220,6 +229,11 @@ def _write_onnx(model: nn.Module, program: torch.export.ExportedProgram, example
     with contextlib.redirect_stdout(io.StringIO()):
         torch.onnx.export(program, (example,), str(out), dynamo=True, input_names=["pixel_values"],
                           output_names=["logits"], verbose=False, external_data=False)
+    import onnx
+
+    proto = onnx.load(str(out), load_external_data=False)  # an external weights file stays as it is
+    onnx.helper.set_model_props(proto, metadata)
+    onnx.save(proto, str(out))
     data_path = _external_data(out)
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name

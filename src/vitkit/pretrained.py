@@ -93,6 +93,14 @@ def save_pretrained(model: VisionTransformer, directory: str | Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    text = config_json(model)
+    atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
+    return directory
+
+
+def config_json(model: VisionTransformer) -> str:
+    """The text of a vitkit directory's config.json: the architecture, class names and
+    preprocessing. Exports carry it too (`vitkit.export`), so a served model says how to feed it."""
     meta = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -100,9 +108,7 @@ def save_pretrained(model: VisionTransformer, directory: str | Path) -> Path:
         "class_names": model.class_names,
         "preprocessing": model.preprocessing.to_dict(),
     }
-    text = json.dumps(meta, indent=2)
-    atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
-    return directory
+    return json.dumps(meta, indent=2)
 
 
 def load_pretrained(source: str | Path, model: str | ViTConfig | None = None, **overrides: Any) -> VisionTransformer:
