@@ -110,14 +110,17 @@ def measure_matmul_tflops(*, device: torch.device | str, size: int | None = None
                           dtype: torch.dtype = torch.bfloat16) -> float:
     """The device's dense matmul rate in TFLOP/s (bf16 unless `dtype` says otherwise): an
     (n x n) @ (n x n) product on random data (zeros run faster than real data), median of
-    `repeats`. n defaults to 8192 on a GPU, 1024 on the CPU, where float32's rate is the faster
+    `repeats` on a GPU, the fastest on the CPU. n defaults to 8192 on a GPU, 1024 on the CPU, where float32's rate is the faster
     of torch's and onnxruntime's (if installed)."""
     device = torch.device(device)
     n = size or (8192 if device.type == "cuda" else 1024)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     steps = 10 if device.type == "cuda" else 2
-    seconds = statistics.median(time_steps(lambda: a @ b, device=device, steps=steps, repeats=repeats, warmup=2))
+    times = time_steps(lambda: a @ b, device=device, steps=steps, repeats=repeats, warmup=2)
+    # A CPU shared with other work only ever slows a repeat, and a ceiling taken low sends MFU past
+    # 100%: there the fastest repeat is the measurement.
+    seconds = statistics.median(times) if device.type == "cuda" else min(times)
     rate = 2 * n ** 3 / seconds / 1e12
     if device.type == "cpu" and dtype == torch.float32:
         # torch's CPU matmul (MKL) need not use the widest vector units: on 2 AVX-512 AMD EPYC
@@ -142,8 +145,8 @@ def _onnxruntime_matmul_tflops(n: int, *, repeats: int) -> float:
     options.intra_op_num_threads = torch.get_num_threads()
     session = onnxruntime.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     inputs = {"a": torch.randn(n, n).numpy(), "b": torch.randn(n, n).numpy()}
-    seconds = statistics.median(time_steps(lambda: session.run(None, inputs), device=torch.device("cpu"), steps=2,
-                                           repeats=repeats, warmup=2))
+    seconds = min(time_steps(lambda: session.run(None, inputs), device=torch.device("cpu"), steps=2,
+                             repeats=repeats, warmup=2))  # the fastest repeat, as for torch's on the CPU
     return 2 * n ** 3 / seconds / 1e12
 
 
