@@ -194,7 +194,6 @@ def test_every_compiled_row_is_compiled_however_many_came_before(monkeypatch):
         assert graphs["unique_graphs"] > before
 
 
-
 def test_cpu_fp32_matmul_rate_is_the_faster_of_torch_and_onnxruntime(monkeypatch):
     """MFU's yardstick on the CPU must be as fast as onnxruntime's matmul, whose row it measures:
     torch's MKL matmul ran at half that rate on AVX-512 AMD EPYC cores, and the onnxruntime row's

@@ -101,8 +101,11 @@ def test_paper_name_and_parameter_count():
     config = vitkit.variants.resolve("R50+ViT-B/16")
     assert config == vitkit.variants.resolve("vit_base_r50_s16_224")
     assert config.grid_size == (14, 14) and config.stem_stride == (16, 16)
-    # A stem of the root conv alone has no residual stages: timm's "R+ViT", not "R2+ViT".
-    assert vitkit.variants.paper_name(vitkit.variants.resolve("vit_tiny_r_s16_p8_224")).startswith("R+ViT-Ti/")
+    # The name shown is one create_model takes, for every registered hybrid (AugReg's R+ViT-Ti/16
+    # has 32 pixels per token, and a stem of the root conv alone is "R+", not "R2+").
+    for name in ("R50+ViT-B/16", "R50+ViT-L/32", "R26+ViT-S/32", "R+ViT-Ti/16"):
+        assert vitkit.variants.paper_name(vitkit.variants.resolve(name)) == name
+    assert vitkit.variants.paper_name(vitkit.variants.resolve("vit_tiny_r_s16_p8_384")) == "R+ViT-Ti/16"
     with torch.device("meta"):
         ours = create_model("R50+ViT-B/16")
         ref = timm.create_model("vit_base_r50_s16_224", num_classes=1000)  # its default cfg has no head

@@ -12,7 +12,7 @@ from vitkit.config import Preprocessing
 from vitkit.data import build_eval_loader
 from vitkit.errors import VitkitError
 from vitkit.images import preprocess, read_image
-from vitkit.infer import evaluate, predict
+from vitkit.infer import evaluate, iter_predict, predict
 
 from conftest import randomize
 
@@ -115,6 +115,8 @@ def test_predict_uses_the_stored_preprocessing(colour_model, dataset):
         assert [by_label[c] for c in CLASSES] == pytest.approx(p.tolist(), abs=1e-5)
     with pytest.raises(VitkitError, match="top-k"):
         predict(model, files, top_k=0)
+    with pytest.raises(VitkitError, match="top-k"):
+        iter_predict(model, files, top_k=0)  # at the call, before any result is asked for
 
 
 def test_predict_missing_inputs(colour_model, tmp_path, capsys):
@@ -244,7 +246,6 @@ def test_confusion_figure_leaves_the_callers_matplotlib_backend_alone(tmp_path):
 def test_predictions_arrive_batch_by_batch_in_order(colour_model, dataset, tmp_path, monkeypatch):
     # A big folder shows its first lines once their batch has run, not after the last image.
     import vitkit.infer as infer
-    from vitkit.infer import iter_predict
 
     files = sorted((dataset / "val").glob("*/*.png"))[:5]
     files.insert(1, tmp_path / "missing.png")  # an error between two batched images keeps its place

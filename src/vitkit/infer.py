@@ -155,11 +155,11 @@ def predict(model: VisionTransformer, paths: list[str | Path], *, top_k: int = 5
     return list(iter_predict(model, paths, top_k=top_k, device=device, batch_size=batch_size))
 
 
-@torch.no_grad()
 def iter_predict(model: VisionTransformer, paths: list[str | Path], *, top_k: int = 5,
                  device: str | torch.device | None = None, batch_size: int = 32) -> Iterator[dict[str, Any]]:
     """`predict`'s results one at a time, in the order of `paths`, each as soon as its batch has
-    run: a folder of thousands shows its first lines at once, and an interrupted run keeps them."""
+    run: a folder of thousands shows its first lines at once, and an interrupted run keeps them.
+    The arguments are checked at the call, not at the first result."""
     if top_k < 1:
         raise VitkitError(f"--top-k must be at least 1 (got {top_k})")
     require_rgb(model, what="predict")
@@ -168,7 +168,12 @@ def iter_predict(model: VisionTransformer, paths: list[str | Path], *, top_k: in
         raise VitkitError("the model has no classification head (num_classes = 0, e.g. an MAE encoder); "
                           "fine-tune it first: vitkit train --init SOURCE --data DIR")
     device = resolve_device(device)
-    model = model.to(device).eval()
+    return _predictions(model.to(device).eval(), paths, top_k=top_k, device=device, batch_size=batch_size)
+
+
+@torch.no_grad()
+def _predictions(model: VisionTransformer, paths: list[str | Path], *, top_k: int, device: torch.device,
+                 batch_size: int) -> Iterator[dict[str, Any]]:
     names = label_names(model)
     k = min(top_k, len(names))
     results: list[dict[str, Any] | None] = [None] * len(paths)

@@ -122,9 +122,15 @@ def paper_name(config: ViTConfig) -> str | None:
             name = f"ViT-{size.letter}/{patch[0]}" if patch[0] == patch[1] else f"ViT-{size.letter}/{patch[0]}x{patch[1]}"
             stem = config.hybrid_stem
             if stem and stem.get("type") == "resnet":
+                # A registered hybrid's own name first, so that the name shown is one create_model
+                # takes: AugReg's R+ViT-Ti/16 has 32 pixels per token.
+                for registered in _EXTRA_DISPLAY:
+                    other = resolve(registered) if "+ViT-" in registered else None
+                    if other is not None and (other.embed_dim, other.depth, other.patch_size, other.hybrid_stem) == (
+                            config.embed_dim, config.depth, config.patch_size, stem):
+                        return registered
                 layers = stem.get("layers", [])
-                # R50 = 3 x (3+4+9) convs + 2; a stem of the root conv alone is timm's "R+"
-                return f"R{3 * sum(layers) + 2}+{name}" if layers else f"R+{name}"
+                return f"R{3 * sum(layers) + 2}+{name}" if layers else f"R+{name}"  # R50 = 3 x (3+4+9) convs + 2
             return f"{name} (conv stem)" if stem else name
     return None
 

@@ -95,6 +95,19 @@ def square_grid(num_patches: int) -> int | None:
     return side if side * side == num_patches and side > 0 else None
 
 
+UNRECORDED_NORM_EPS = 1e-6  # LayerNorm eps of timm and the JAX reference, which neither's files record
+
+
+def warn_unrecorded_eps(config: Any, path: Path, *, layout: str, hint: str = "") -> None:
+    """Warn when `config`'s LayerNorm eps (HF's models use 1e-12) is not the one a `layout` file
+    is read back with; the logits of the file's model then differ slightly."""
+    if config.norm_eps != UNRECORDED_NORM_EPS:
+        import warnings
+
+        warnings.warn(f"{path}: this model's LayerNorm eps is {config.norm_eps:g}, and a {layout} cannot say so: "
+                      f"it reads back with {UNRECORDED_NORM_EPS:g} (logits differ slightly){hint}", stacklevel=3)
+
+
 def refuse(model: Any, *, target: str, unsupported: dict[str, bool]) -> None:
     """Raise VitkitError listing the features of `model` that format `target` cannot express."""
     found = [name for name, present in unsupported.items() if present]

@@ -87,7 +87,7 @@ def read_hf_dir(path: Path, meta: dict[str, Any]) -> tuple[ViTConfig, dict[str, 
     deit = model_type == "deit"
     if meta.get("hidden_act", "gelu") != "gelu":
         raise CheckpointError(config_file, f"hidden_act {meta['hidden_act']!r}: vitkit's MLP uses exact GELU only")
-    state = _read_weights(path)
+    state = read_weights(path)
     keys = KeyTracker(state, source=str(path))
     root = next((p for p in ("vit.", "deit.", "") if f"{p}embeddings.cls_token" in keys), None)
     if root is None:
@@ -157,7 +157,7 @@ def read_hf_dir(path: Path, meta: dict[str, Any]) -> tuple[ViTConfig, dict[str, 
     return config, state, extras
 
 
-def _read_weights(path: Path) -> dict[str, Tensor]:
+def read_weights(path: Path) -> dict[str, Tensor]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:

@@ -23,15 +23,14 @@ from torch import Tensor
 from ..config import ViTConfig
 from ..errors import CheckpointError
 from ..weights import atomic_write, read_npz
-from . import STEM_READERS, KeyTracker, block_count, patch_fields, refuse, square_grid
+from . import (STEM_READERS, UNRECORDED_NORM_EPS, KeyTracker, block_count, patch_fields, refuse, square_grid,
+               warn_unrecorded_eps)
 
 _PREFIXES = ("opt/target/", "params/", "")
 # Sub-module names of an encoder block: (norm1, attention, norm2, mlp) per layout.
 _ORIGINAL = ("LayerNorm_0", "MultiHeadDotProductAttention_1", "LayerNorm_2", "MlpBlock_3")
 _BIG_VISION = ("LayerNorm_0", "MultiHeadDotProductAttention_0", "LayerNorm_1", "MlpBlock_0")
 
-
-JAX_NORM_EPS = 1e-6  # flax's LayerNorm default, which the reference uses and its files do not record
 
 def read_npz_checkpoint(path: str | Path, *, base: ViTConfig | None = None
                         ) -> tuple[ViTConfig, dict[str, Tensor], dict[str, Any]]:
@@ -51,7 +50,7 @@ def read_npz_checkpoint(path: str | Path, *, base: ViTConfig | None = None
     keys = KeyTracker({k: v for k, v in arrays.items()}, source=source)
     if prefix == "opt/target/":
         keys.ignore("opt/state")  # the optimizer's moments: not part of the model
-    fields: dict[str, Any] = {"norm_eps": JAX_NORM_EPS}
+    fields: dict[str, Any] = {"norm_eps": UNRECORDED_NORM_EPS}
     if f"{prefix}conv_root/kernel" in arrays:
         if "npz" not in STEM_READERS:
             raise CheckpointError(path, "a hybrid (ResNet-stem) checkpoint, and no hybrid reader is available")
@@ -170,11 +169,7 @@ def write_npz(model: Any, *, path: str | Path) -> Path:
         "convolutional stem (only the ResNet hybrid has a JAX layout)":
             bool(c.hybrid_stem) and c.hybrid_stem.get("type") != "resnet",
     })
-    if c.norm_eps != JAX_NORM_EPS:
-        import warnings
-
-        warnings.warn(f"{path}: this model's LayerNorm eps is {c.norm_eps:g}, and a JAX .npz cannot say so: it "
-                      f"reads back with {JAX_NORM_EPS:g} (logits differ slightly)", stacklevel=2)
+    warn_unrecorded_eps(c, Path(path), layout="JAX .npz")
     sd = {k: v.detach().to("cpu", torch.float32).numpy() for k, v in model.state_dict().items()}
     D, H = c.embed_dim, c.num_heads
     arrays: dict[str, np.ndarray] = {}

@@ -11,6 +11,7 @@ file beside a config.json that names the architecture and the preprocessing: `re
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,8 @@ from ..config import Preprocessing, ViTConfig
 from ..errors import CheckpointError, VitkitError, first_line
 from ..variants import heads_for_width, resolve
 from ..weights import atomic_write
-from . import STEM_READERS, KeyTracker, block_count, patch_fields, refuse, square_grid
+from . import (STEM_READERS, UNRECORDED_NORM_EPS, KeyTracker, block_count, patch_fields, refuse, square_grid,
+               warn_unrecorded_eps)
 
 # Keys of timm models that vitkit does not build, with the reason given to the user.
 _UNSUPPORTED_PREFIXES = {
@@ -75,7 +77,7 @@ def read_timm_state_dict(state: dict[str, Tensor], *, base: ViTConfig | None, so
     fields["representation_size"] = keys.take("pre_logits.fc.weight").shape[0] if "pre_logits.fc.weight" in keys else None
     fields["num_classes"] = keys.take("head.weight").shape[0] if "head.weight" in keys else 0
     fields["num_heads"] = _num_heads(D, base, source)
-    fields["norm_eps"] = base.norm_eps if base else TIMM_NORM_EPS
+    fields["norm_eps"] = base.norm_eps if base else UNRECORDED_NORM_EPS
     fields.update(_img_size(keys, fields, base, source))
     if base is not None:
         _check_against_base(fields, base, source)
@@ -103,7 +105,7 @@ def read_timm_hub_dir(path: Path, meta: dict[str, Any], *, base: ViTConfig | Non
     config.json {"architecture", "pretrained_cfg", ...} beside model.safetensors or pytorch_model.bin.
     The architecture's name supplies what the tensors cannot say (heads, pooling, image size)
     unless the caller names the model; pretrained_cfg gives the preprocessing, label_names the classes."""
-    from .hf import _read_weights
+    from .hf import read_weights
 
     config_file = Path(path) / "config.json"
     try:
@@ -114,13 +116,13 @@ def read_timm_hub_dir(path: Path, meta: dict[str, Any], *, base: ViTConfig | Non
         crop_pct = float(pre.get("crop_pct", 0.875))
         preprocessing = Preprocessing(
             # timm's eval transform: resize to floor(size / crop_pct), centre crop to size
-            resize=int(min(size) // crop_pct), crop=size, interpolation=pre.get("interpolation", "bicubic"),
+            resize=math.floor(min(size) / crop_pct), crop=size, interpolation=pre.get("interpolation", "bicubic"),
             mean=tuple(pre.get("mean", (0.485, 0.456, 0.406))), std=tuple(pre.get("std", (0.229, 0.224, 0.225))),
             # "border" (a pad around the crop) is rare; the centre crop comes closest
             resize_mode=_CROP_MODES.get(pre.get("crop_mode", "center"), "shorter"))
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise CheckpointError(config_file, f"not a usable timm config ({first_line(error)})") from None
-    config, state, _ = read_timm_state_dict(_read_weights(Path(path)), base=base, source=str(path))
+    config, state, _ = read_timm_state_dict(read_weights(Path(path)), base=base, source=str(path))
     labels = meta.get("label_names")
     if isinstance(labels, dict):  # {index: name}, as timm writes it when some indices have none
         labels = [labels.get(str(i)) for i in range(config.num_classes)]
@@ -221,9 +223,6 @@ def _pair(value: Any) -> tuple:
     return tuple(value) if isinstance(value, (tuple, list)) else (value,)
 
 
-TIMM_NORM_EPS = 1e-6  # timm's ViT LayerNorm eps, which its weight files do not record
-
-
 def timm_kwargs(config: ViTConfig) -> dict[str, Any]:
     """Keyword arguments for `timm.models.vision_transformer.VisionTransformer` (or
     `timm.create_model(name, **kwargs)`) that build the model `config` describes."""
@@ -238,7 +237,7 @@ def timm_kwargs(config: ViTConfig) -> dict[str, Any]:
                   qkv_bias=config.qkv_bias, qk_norm=config.qk_norm, init_values=config.init_values,
                   class_token=config.class_token, no_embed_class=not config.prefix_pos_embed,
                   reg_tokens=config.reg_tokens, fc_norm=config.use_fc_norm)
-    if config.norm_eps != TIMM_NORM_EPS:  # HF's models use 1e-12
+    if config.norm_eps != UNRECORDED_NORM_EPS:  # HF's models use 1e-12
         from functools import partial
 
         from torch import nn
@@ -261,10 +260,8 @@ def write_timm_state_dict(model: Any, *, path: str | Path) -> Path:
     path = Path(path)
     import warnings
 
-    if config.norm_eps != TIMM_NORM_EPS:
-        warnings.warn(f"{path}: this model's LayerNorm eps is {config.norm_eps:g}, and a timm weights file cannot "
-                      f"say so: timm and vitkit read it back with {TIMM_NORM_EPS:g} (logits differ slightly) "
-                      "unless the model is built with timm_kwargs(config)", stacklevel=2)
+    warn_unrecorded_eps(config, path, layout="timm weights file",
+                        hint=" unless the model is built with timm_kwargs(config)")
     if config.class_token and config.use_fc_norm != (config.global_pool == "avg"):
         # Readers take fc_norm for average pooling (timm's default pairing); this model pairs them otherwise.
         warnings.warn(f"{path}: this model pools with {config.global_pool!r} {'with' if config.use_fc_norm else 'without'} "

@@ -2,7 +2,8 @@
 
 Modules: config (TrainConfig, filled in from a recipe and checked), run_dir (new or resumed run
 directory, metrics log, plots), distributed (torchrun processes and full states for checkpoints),
-loop (the model, the step and the epochs).
+setup (the model from --init or a name, its EMA, the DeiT/DDP/FSDP wrappers, the teacher), loop
+(the step and the epochs).
 """
 
 from .config import TrainConfig, absolute_if_local, resolve_config
