@@ -242,6 +242,23 @@ def test_explain_with_a_variant_name_uses_random_weights(tmp_path, monkeypatch):
     assert re.findall(r"<tr><td>([^<]+)</td>", (tmp_path / "o" / "report.html").read_text())[0].startswith("class_")
 
 
+def test_explain_again_into_the_same_folder_keeps_only_its_figures(tmp_path, monkeypatch):
+    # A second run on fewer images leaves no figures of the first run's extra images behind, and
+    # never touches files of the user's own that explain did not write.
+    from vitkit import variants
+
+    monkeypatch.setitem(variants.EXTRA_MODELS, "explain-test-tiny", ("ViT-Ti/16", dict(
+        img_size=32, depth=1, embed_dim=32, num_heads=2, mlp_dim=32, num_classes=3)))
+    images = _write_images(tmp_path / "images", [(16, 16), (20, 20)])
+    out = tmp_path / "o"
+    assert main(["explain", *images, "--model", "explain-test-tiny", "--out", str(out)]) == 0
+    (out / "mine.png").write_bytes(b"the user's")
+    assert main(["explain", images[0], "--model", "explain-test-tiny", "--out", str(out)]) == 0
+    assert not list(out.glob("02-*")) and (out / "01-img0-rollout.png").is_file()
+    assert (out / "mine.png").read_bytes() == b"the user's"
+    assert set((out / "figures.txt").read_text().split()) == {p.name for p in out.glob("*.png")} - {"mine.png"}
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--discard-ratio", "1.5"], "--discard-ratio"),
     (["--top-k", "0"], "--top-k"),

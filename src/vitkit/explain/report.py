@@ -182,7 +182,24 @@ def explain(*, images: list[str | Path], model: VisionTransformer, out_dir: str 
     report.write_text(_render(model=model, source=source, images=per_image, model_png=model_png, notes=notes,
                               pooling_note=pooling_note, fusion=fusion, discard_ratio=discard_ratio,
                               grid=grid, distance=distance), encoding="utf-8")
+    _replace_manifest(out, written)
     return ExplainResult(report=report, figures=written, skipped=skipped)
+
+
+_MANIFEST = "figures.txt"  # the PNGs the last run wrote, one name a line
+
+
+def _replace_manifest(out: Path, written: list[Path]) -> None:
+    """Remove the figures an earlier run into `out` wrote and this one did not (images since
+    removed from the input), so the folder holds this report's figures; only names that run
+    recorded are touched, never the user's other files. Then record this run's."""
+    manifest = out / _MANIFEST
+    names = {p.name for p in written}
+    if manifest.is_file():
+        for name in manifest.read_text(encoding="utf-8").splitlines():
+            if name.endswith(".png") and Path(name).name == name and name not in names:
+                (out / name).unlink(missing_ok=True)
+    manifest.write_text("".join(f"{name}\n" for name in sorted(names)), encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------- the HTML report
