@@ -256,7 +256,7 @@ def test_explain_again_into_the_same_folder_keeps_only_its_figures(tmp_path, mon
     assert main(["explain", images[0], "--model", "explain-test-tiny", "--out", str(out)]) == 0
     assert not list(out.glob("02-*")) and (out / "01-img0-rollout.png").is_file()
     assert (out / "mine.png").read_bytes() == b"the user's"
-    assert set((out / "figures.txt").read_text().split()) == {p.name for p in out.glob("*.png")} - {"mine.png"}
+    assert set((out / "explain-figures.txt").read_text().split()) == {p.name for p in out.glob("*.png")} - {"mine.png"}
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -186,7 +186,7 @@ def explain(*, images: list[str | Path], model: VisionTransformer, out_dir: str 
     return ExplainResult(report=report, figures=written, skipped=skipped)
 
 
-_MANIFEST = "figures.txt"  # the PNGs the last run wrote, one name a line
+_MANIFEST = "explain-figures.txt"  # the PNGs the last run wrote, one name a line
 
 
 def _replace_manifest(out: Path, written: list[Path]) -> None:
