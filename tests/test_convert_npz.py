@@ -7,7 +7,6 @@ import torch
 
 import vitkit
 from vitkit import CheckpointError, ViTConfig, VitkitError
-from vitkit.convert import convert
 from vitkit.convert.jax_npz import read_npz_checkpoint, write_npz
 from vitkit.pretrained import build_from_checkpoint
 from vitkit.convert.timm import timm_kwargs
