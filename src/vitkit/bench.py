@@ -110,8 +110,8 @@ def measure_matmul_tflops(*, device: torch.device | str, size: int | None = None
                           dtype: torch.dtype = torch.bfloat16) -> float:
     """The device's dense matmul rate in TFLOP/s (bf16 unless `dtype` says otherwise): an
     (n x n) @ (n x n) product on random data (zeros run faster than real data), median of
-    `repeats` on a GPU, the fastest on the CPU. n defaults to 8192 on a GPU, 1024 on the CPU, where float32's rate is the faster
-    of torch's and onnxruntime's (if installed)."""
+    `repeats` on a GPU, the fastest on the CPU. n defaults to 8192 on a GPU, 1024 on the CPU,
+    where float32's rate is the faster of torch's and onnxruntime's (if installed)."""
     device = torch.device(device)
     n = size or (8192 if device.type == "cuda" else 1024)
     a = torch.randn(n, n, device=device, dtype=dtype)

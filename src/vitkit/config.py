@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,8 +29,6 @@ def unknown_keys(cls: type, data: dict[str, Any]) -> list[str]:
 
 
 def _is_int(value: Any) -> bool:
-    import numbers
-
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # numpy's ints too
 
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import Preprocessing
+from ..images import preprocess
 
 _SMALL_IMAGE = 64  # at or below this side, random crop with padding (CIFAR-style) instead of RRC
 
@@ -258,8 +259,6 @@ class _EvalTransform:
         self.preprocessing, self.erase = preprocessing, erase
 
     def __call__(self, image) -> Tensor:
-        from ..images import preprocess
-
         x = preprocess(image, self.preprocessing)
         return self.erase(x) if self.erase is not None else x
 

@@ -166,13 +166,14 @@ def _train(config: TrainConfig, dist: Dist) -> dict[str, Any]:
     num_classes = len(data.class_names)
     torch.manual_seed(cfg.seed)
     raw = model_for_run(cfg, build, init_model, data=data, resume_state=resume_state, run_dir=run_dir,
-                         device=device, dist=dist)
+                        device=device, dist=dist)
     del init_model  # raw is it, fitted, when --init gave one
     ema = Ema(raw, cfg.ema) if cfg.ema else None
     if ema is not None and resume_state is not None and resume_state.get("ema") is not None:
         ema.model.load_state_dict(resume_state["ema"])
 
-    wrapped = wrap_for_processes(Distilled(raw) if cfg.distill_from else raw, raw=raw, fsdp=cfg.fsdp, device=device, dist=dist)
+    wrapped = wrap_for_processes(Distilled(raw) if cfg.distill_from else raw, raw=raw, fsdp=cfg.fsdp, device=device,
+                                 dist=dist)
     optimizer = build_optimizer(raw, lr=cfg.lr, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay,
                                 depth=raw.config.depth)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
